@@ -1,0 +1,259 @@
+"""BYOL: Bootstrap Your Own Latent (Grill et al., NeurIPS 2020, arXiv:2006.07733).
+
+An online network (backbone f, projector g, predictor q) learns to predict the projection that a slowly moving
+target network (EMA copies f', g' of the backbone and projector) produces for another augmented view of the same
+image. No negatives: the predictor, the stop-gradient and the EMA target keep the representation from collapsing.
+
+    y = f(v), z = g(y), p = q(z)             online, on views v1 and v2
+    z' = g'(f'(v))                           target, no gradient
+    loss = l(p1, sg z'2) + l(p2, sg z'1),    l(p, z) = || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)      (range [0, 8])
+    xi <- tau xi + (1 - tau) theta,          tau(k) = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
+
+This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.py, lewel.py and mcl.py copy its
+skeleton (config -> model -> loss -> train loop -> main) and differ only where the method differs.
+
+Commands:
+    python byol.py                                   # built-in synthetic data, CPU-sized defaults, ~3 min on 2 cores
+    torchrun --standalone --nproc_per_node=2 byol.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node=8 byol.py --data /path/to/imagenet --preset imagenet
+    python eval_linear.py --ckpt runs/byol/last.pt   # kNN + linear probe of the frozen backbone
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from common import InputError, augment, cosine_tau, ema_update, global_pool, lr_at, mlp, print0, regression_loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """BYOL pretraining. Defaults are sized for a 2-core CPU on the built-in data; --preset imagenet is the paper."""
+    # data
+    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    image_size: int = 32             # px of each augmented view; paper: 224
+    load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
+    workers: int = 8                 # DataLoader workers per process (folder data only)
+    # model
+    arch: str = "resnet18"           # resnet18 | resnet50 (paper)
+    stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
+    hidden_dim: int = 4096           # projector/predictor hidden width; paper: 4096
+    proj_dim: int = 256              # projection width; paper: 256
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: cross-replica BN
+    # optimisation
+    epochs: int = 12                 # paper: 300 (1000 for the headline number)
+    batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.3 (300 ep), 0.2 (1000 ep), 0.45 (100 ep)
+    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1.5e-6 (1000 ep), 1e-6 otherwise
+    warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
+    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: 0.99 (300 ep), 0.996 (1000 ep)
+    # run
+    seed: int = 0
+    out: str = "runs/byol"           # checkpoints, metrics.jsonl
+    resume: bool = False             # continue from <out>/last.pt
+    knn_every: int = 4               # epochs between kNN monitors (0 = only at the end)
+    log_every: int = 10              # steps between logged metrics (and host syncs)
+    ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
+    keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
+    device: str = ""                 # "" = cuda if available else cpu
+    compile: bool = False            # torch.compile the online and target networks
+
+
+PRESETS = {
+    # BYOL paper recipe (Sec. 3.3, Appendix C; methods.md §1.4): LARS, 4096 global batch, 10-epoch warmup, cosine.
+    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=300, base_lr=0.3,
+                     weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10),
+    "imagenet-100ep": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=100,
+                           base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10),
+    "imagenet-1000ep": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=1000,
+                            base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10),
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
+    "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
+                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+class BYOL(nn.Module):
+    """Online network: backbone -> global pool -> projector -> predictor. The target copies backbone + projector."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = common.ResNetTrunk(cfg.arch, cfg.stem)
+        self.projector = mlp(self.backbone.channels["res5"], cfg.hidden_dim, cfg.proj_dim)
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
+
+    def forward(self, views):
+        """views: list of B x 3 x S x S. Returns one prediction B x proj_dim per view (BN statistics per view)."""
+        return [self.predictor(embed(self, view)) for view in views]
+
+
+def embed(net, view):
+    """Projection z = g(f(v)) of a network holding .backbone and .projector (the online model or its target)."""
+    return net.projector(global_pool(net.backbone(view)["res5"]))  # B x proj_dim
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+def byol_loss(predictions, targets):
+    """Symmetric BYOL loss: view 1's prediction regresses view 2's target projection and vice versa. Range [0, 8]."""
+    p1, p2 = predictions
+    z1, z2 = targets
+    return regression_loss(p1, z2) + regression_loss(p2, z1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+def train(cfg, dist):
+    torch.manual_seed(cfg.seed)
+    out = common.prepare_output_dir(cfg.out) if dist.is_main else None
+    autocast_dtype, memory_format = common.cuda_setup(dist)
+    world_batch = cfg.batch_size
+    batch_per_rank = world_batch // dist.world_size
+    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
+    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
+                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
+    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * world_batch / 256
+
+    model = BYOL(cfg).to(dist.device, memory_format=memory_format)
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector})
+    if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    ema_pairs = common.ema_pairs(target, model)
+    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+
+    step = 0
+    if cfg.resume:
+        state = common.load_checkpoint(f"{cfg.out}/last.pt", method="byol")
+        common.check_resume_compatible(state, cfg)
+        model.load_state_dict(state["model"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+        print0(f"resumed from {cfg.out}/last.pt at step {step}")
+
+    ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    online_forward, target_forward = ddp_model, (lambda views: [embed(target, view) for view in views])
+    if cfg.compile:
+        online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)
+
+    common.print_run_header("byol", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
+                                                   steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+    log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
+    stop = common.StopSignal()
+
+    def save(epoch, reason):
+        if dist.is_main:
+            state = dict(method="byol", config=common.config_dict(cfg), step=step, epoch=epoch,
+                         model=model.state_dict(), target=target.state_dict(), optimizer=optimizer.state_dict(),
+                         rng=common.rng_state(), world_size=dist.world_size)
+            common.save_checkpoint(state, out / "last.pt")
+            if reason == "keep":
+                common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")
+        common.barrier()
+
+    def knn(epoch):
+        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
+                                      memory_format)
+        print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
+        log.write(epoch=epoch, step=step, knn_top1=accuracy)
+        return accuracy
+
+    if step == 0 and cfg.knn_every > 0:
+        knn(0)  # the random-init baseline every report compares against
+    accuracy = None
+    timer = common.Timer(dist.device)
+    start_epoch = step // steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
+        for images, _ in bar:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+            tau = cosine_tau(step, total_steps, cfg.tau_base)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
+            views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
+                     for recipe in common.BYOL_VIEWS]
+            with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                predictions = online_forward(views)
+                with torch.no_grad():
+                    targets = target_forward(views)
+            loss = byol_loss(predictions, targets)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema_update(ema_pairs, tau)  # target <- tau * target + (1 - tau) * online
+            step += 1
+            timer.add(images.shape[0] * dist.world_size)
+
+            at_epoch_end = step % steps_per_epoch == 0
+            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
+                loss_value = common.all_reduce_mean(loss.detach()).item()
+                if not math.isfinite(loss_value):
+                    raise common.TrainingError(f"non-finite loss at step {step}: byol loss = {loss_value}; "
+                                               f"last good checkpoint kept in {cfg.out}/last.pt")
+                images_per_s = timer.rate()
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, loss=loss_value, lr=lr, tau=tau, images_per_s=images_per_s)
+            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
+                save(epoch, "steps")
+            if stop.received or step == cfg.stop_after:
+                save(epoch, "stop")
+                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                return None
+        bar.close()
+        last_epoch = epoch + 1 == cfg.epochs
+        save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
+        if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
+            accuracy = knn(epoch + 1)
+    print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
+    return accuracy
+
+
+def main(argv=None):
+    try:
+        cfg = common.parse_config(Config, PRESETS, argv)
+        dist = common.setup_distributed(cfg.device or None)
+        common.check_common_config(cfg, dist.world_size)
+        return train(cfg, dist)
+    except InputError as error:
+        common.die(str(error))
+    except common.TrainingError as error:
+        common.die(str(error), code=3)
+    finally:
+        common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

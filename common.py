@@ -1,0 +1,1130 @@
+"""Shared toolbox for the method files (byol.py, ladder_byol.py, dense_byol.py, densesiam.py, lewel.py, mcl.py).
+
+A toolbox, not a framework: plain functions and small classes, no base classes to inherit, no registry, no hooks.
+Each section below is one topic; a method file imports what it needs and writes its own heads, losses and loop.
+
+Sections: config | distributed | backbone, heads, losses | augmentation | data | optimisation (LARS, schedules, EMA)
+          | checkpoints | logging | kNN monitor
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGES = ("res2", "res3", "res4", "res5")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config: one frozen dataclass per method file -> --flags, --preset NAME, --config file.yaml
+# ---------------------------------------------------------------------------------------------------------------------
+
+class InputError(Exception):
+    """A problem with what the user gave us (flags, data, checkpoint). main() turns it into one line and exit code 2."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (non-finite loss). main() turns it into one line and exit code 3."""
+
+
+def die(message, code=2):
+    """Print one clear line naming the problem and exit non-zero. Use only from main()."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _parse_value(text, kind, name):
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind in (tuple, list):
+            return tuple(_auto(item) for item in text.split(",") if item.strip() != "")
+        return kind(text)
+    except ValueError:
+        raise InputError(f"--{name.replace('_', '-')}: cannot read {text!r} as {kind.__name__}") from None
+
+
+def _auto(text):
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _field_kind(field):
+    kind = field.type if isinstance(field.type, type) else _type_from_annotation(field.type)
+    return kind
+
+
+def _type_from_annotation(name):
+    """Dataclass annotations may be strings (from __future__ annotations); map the few we use, never eval()."""
+    base = str(name).split("[")[0].strip()
+    return {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple, "list": list}.get(base, str)
+
+
+def parse_config(config_cls, presets=None, argv=None):
+    """Build a frozen config: dataclass defaults < --preset NAME < --config file.yaml < explicit --flags.
+
+    Every field `batch_size` becomes `--batch-size`; booleans also accept `--no-flag`; tuples are comma lists.
+    The returned dataclass is frozen: derived values get their own names in the code, the config is never rewritten.
+    """
+    presets = presets or {}
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else None)
+    parser.add_argument("--preset", default=None, help=f"named recipe: {', '.join(presets) or 'none'}")
+    parser.add_argument("--config", default=None, help="YAML file of field: value pairs (applied after --preset)")
+    for name, field in fields.items():
+        kind = _field_kind(field)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL")
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false")
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=kind.__name__.upper())
+    args = parser.parse_args(argv)
+
+    values = {}
+    if args.preset is not None:
+        if args.preset not in presets:
+            raise InputError(f"unknown preset {args.preset!r}; choose from {sorted(presets)}")
+        values.update(presets[args.preset])
+    if args.config is not None:
+        import yaml  # only needed for --config
+
+        try:
+            with open(args.config) as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except OSError as error:
+            raise InputError(f"cannot read --config {args.config}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise InputError(f"--config {args.config} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"--config {args.config} must be a mapping of field: value")
+        for key, value in loaded.items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise InputError(f"--config {args.config}: unknown field {key!r}")
+            values[key] = tuple(value) if isinstance(value, list) else value
+    for name, field in fields.items():
+        text = getattr(args, name)
+        if text is not None:
+            values[name] = _parse_value(text, _field_kind(field), name)
+    for name, value in list(values.items()):  # YAML/preset values: coerce to the field's type
+        kind = _field_kind(fields[name])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif kind is tuple and not isinstance(value, tuple):
+            values[name] = (value,)
+    return config_cls(**values)
+
+
+def config_dict(cfg):
+    """Plain dict of primitives (safe for weights_only checkpoints and JSON)."""
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in dataclasses.asdict(cfg).items()}
+
+
+def check(condition, message):
+    if not condition:
+        raise InputError(message)
+
+
+def check_common_config(cfg, world_size):
+    """Checks every method shares (batch, epochs, lr, stages). Raises InputError with one line."""
+    check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
+    check(cfg.batch_size % world_size == 0,
+          f"--batch-size {cfg.batch_size} (global) is not divisible by the world size {world_size}")
+    check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
+    check(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
+    check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
+    check(cfg.stem in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, got {cfg.stem!r}")
+    check(cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed: one launch path. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python x.py` is world size 1.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+_DIST = Dist(0, 0, 1, torch.device("cpu"))
+
+
+def setup_distributed(device=None):
+    """Read the torchrun environment, pick the device, init the process group (nccl on CUDA, gloo on CPU)."""
+    global _DIST
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    _DIST = Dist(rank, local_rank, world_size, device)
+    return _DIST
+
+
+def cleanup_distributed():
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def is_main():
+    return _DIST.rank == 0
+
+
+def print0(*args, **kwargs):
+    if _DIST.rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_gather_nograd(tensor):
+    """Concatenate `tensor` from every rank along dim 0 (equal shapes on every rank); no gradient."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        return all_gather_nograd(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank computed a loss on the full gathered batch: sum their gradients, keep our slice.
+        grad = grad.contiguous()
+        torch_dist.all_reduce(grad)
+        size = grad.shape[0] // torch_dist.get_world_size()
+        return grad[torch_dist.get_rank() * size:(torch_dist.get_rank() + 1) * size]
+
+
+def all_gather_grad(tensor):
+    """Concatenate `tensor` from every rank along dim 0; gradient flows back to this rank's slice."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return tensor
+    return _AllGatherGrad.apply(tensor)
+
+
+def all_reduce_mean(tensor):
+    if torch_dist.is_initialized():
+        tensor = tensor.clone()
+        torch_dist.all_reduce(tensor)
+        tensor /= torch_dist.get_world_size()
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbone, heads and losses shared by several methods
+# ---------------------------------------------------------------------------------------------------------------------
+
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet returning the stage maps {"res2", "res3", "res4", "res5"} (no avgpool, no fc).
+
+    stem="imagenet": 7x7/2 conv + 3x3/2 max-pool (strides 4/8/16/32).
+    stem="cifar":    3x3/1 conv, no max-pool (strides 1/2/4/8), the usual choice for 32-64 px images.
+    Attribute names match torchvision (conv1, bn1, layer1..layer4), so `state_dict()` loads into
+    `torchvision.models.resnetXX()` with strict=False (only fc is missing; the cifar stem's conv1 is 3x3).
+    """
+
+    def __init__(self, arch="resnet18", stem="imagenet", zero_init_residual=False):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        if stem == "cifar":
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.maxpool = nn.Identity()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        widths = [layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels
+                  for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+        self.channels = dict(zip(STAGES, widths))
+
+    def forward(self, x, last_stage="res5"):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        maps = {}
+        for name, layer in zip(STAGES, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            maps[name] = x  # B x C_stage x H/stride x W/stride
+            if name == last_stage:
+                break
+        return maps
+
+
+def mlp(in_dim, hidden_dim=4096, out_dim=256):
+    """BYOL projector/predictor: Linear -> BN -> ReLU -> Linear (methods.md §1.1)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+def conv_mlp(in_dim, hidden_dim=4096, out_dim=256):
+    """The same MLP applied at every position of a B x C x H x W map (1x1 convolutions)."""
+    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden_dim, out_dim, 1))
+
+
+def regression_loss(p, z):
+    """BYOL loss, one direction: mean of 2 - 2 cos(p, sg(z)) over every dim but the channel dim 1. Range [0, 4].
+
+    Computed in float32 (normalise, then dot product) whatever the autocast dtype. The symmetric BYOL total is
+    regression_loss(p1, z2) + regression_loss(p2, z1), range [0, 8].
+    """
+    p = F.normalize(p.float(), dim=1)
+    z = F.normalize(z.detach().float(), dim=1)
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+def global_pool(feature_map):
+    """B x C x H x W -> B x C."""
+    return feature_map.mean(dim=(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Augmentation: per-sample parameters, batched on the model's device. uint8 in, normalised float out.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ViewRecipe:
+    """One view's augmentation recipe. Defaults = BYOL view 1 (methods.md §1.5)."""
+    crop_scale: tuple = (0.08, 1.0)       # area fraction of the input image
+    crop_ratio: tuple = (3 / 4, 4 / 3)    # aspect ratio range (log-uniform)
+    interpolation: str = "bicubic"        # bicubic (BYOL) or bilinear (LEWEL, MCL, MoCo v2)
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple = (0.1, 2.0)        # pixels at 224 px; scaled with the output size (see gaussian_blur)
+    solarize_p: float = 0.0
+
+
+BYOL_VIEWS = (ViewRecipe(blur_p=1.0, solarize_p=0.0), ViewRecipe(blur_p=0.1, solarize_p=0.2))
+SIMSIAM_VIEW = ViewRecipe(crop_scale=(0.2, 1.0), interpolation="bilinear", jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+MOCO_V2_VIEW = SIMSIAM_VIEW
+GEOMETRY_ONLY = ViewRecipe(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def sample_crop_boxes(batch, height, width, scale, ratio, generator, device, attempts=10):
+    """torchvision's RandomResizedCrop rule, vectorised: B boxes (x0, y0, x1, y1) in [0, 1] of the input image.
+
+    Up to `attempts` draws of (area, log-ratio) per sample; the first that fits wins; otherwise the whole image.
+    """
+    area = height * width
+    rand = torch.rand(batch, attempts, 4, generator=generator, device=device)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * rand[..., 0])
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[..., 1]
+    aspect = torch.exp(log_ratio)
+    crop_w = torch.sqrt(target_area * aspect)
+    crop_h = torch.sqrt(target_area / aspect)
+    fits = (crop_w <= width) & (crop_h <= height)
+    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), torch.full((batch,), -1, device=device))
+    pick = first.clamp(min=0)
+    rows = torch.arange(batch, device=device)
+    w = torch.where(first >= 0, crop_w[rows, pick], torch.full((batch,), float(width), device=device))
+    h = torch.where(first >= 0, crop_h[rows, pick], torch.full((batch,), float(height), device=device))
+    x0 = (width - w) * rand[rows, pick, 2]
+    y0 = (height - h) * rand[rows, pick, 3]
+    return torch.stack([x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height], dim=1)
+
+
+def crop_resize(images, boxes, flips, out_size, interpolation="bilinear"):
+    """Resample each image's box to out_size x out_size, mirrored where flips is True. images: B x C x H x W float.
+
+    One affine grid per sample (grid_sample, align_corners=False, edge-based boxes): output column j samples
+    x = x0 + (j + 0.5) / S * (x1 - x0) of the input, in normalised coordinates.
+    NOTE: no anti-aliasing when a crop is shrunk (torchvision's PIL path anti-aliases). Crops are mostly enlarged
+    (scale < 1 of a load size close to the output size), where the two agree.
+    """
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    sign = 1.0 - 2.0 * flips.float()
+    theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = (x1 - x0) * sign
+    theta[:, 0, 2] = x0 + x1 - 1
+    theta[:, 1, 1] = y1 - y0
+    theta[:, 1, 2] = y0 + y1 - 1
+    grid = F.affine_grid(theta, (images.shape[0], images.shape[1], out_size, out_size), align_corners=False)
+    return grid_sample_clamped(images, grid, interpolation)
+
+
+def grid_sample_clamped(images, grid, interpolation):
+    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1) if interpolation == "bicubic" else out
+
+
+def _gray(x):  # B x 3 x H x W -> B x 1 x H x W (luma weights of torchvision and DeepMind BYOL)
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(dim=1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return hue, sat, maxc
+
+
+def _hsv_to_rgb(hue, sat, val):
+    i = torch.floor(hue * 6.0)
+    f = hue * 6.0 - i
+    i = i.long() % 6
+    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
+    choices = torch.stack([
+        torch.stack([val, q, p, p, t, val], dim=1),
+        torch.stack([t, val, val, q, p, p], dim=1),
+        torch.stack([p, p, t, val, val, q], dim=1),
+    ], dim=1)  # B x 3 x 6 x H x W
+    index = i.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)
+    return choices.gather(2, index).squeeze(2)
+
+
+def adjust_brightness(x, factor):   # factor: B
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x, factor):
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = factor.view(-1, 1, 1, 1)
+    return (x * f + mean * (1 - f)).clamp_(0, 1)
+
+
+def adjust_saturation(x, factor):
+    f = factor.view(-1, 1, 1, 1)
+    return (x * f + _gray(x) * (1 - f)).clamp_(0, 1)
+
+
+def adjust_hue(x, shift):
+    hue, sat, val = _rgb_to_hsv(x)
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(hue, sat, val)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with one sigma per sample (B,), reflect padding, as torchvision's GaussianBlur.
+
+    NOTE: DeepMind BYOL pads with zeros ('SAME'); we reflect like torchvision to avoid darkened borders.
+    """
+    batch, channels, height, width = x.shape
+    half = kernel_size // 2
+    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
+    kernel = torch.exp(-offsets.view(1, -1) ** 2 / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)                      # B x k
+    kernel = kernel.repeat_interleave(channels, dim=0)                      # (B*C) x k
+    flat = x.reshape(1, batch * channels, height, width)
+    flat = F.pad(flat, (half, half, half, half), mode="reflect" if half < min(height, width) else "replicate")
+    flat = F.conv2d(flat, kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    flat = F.conv2d(flat, kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)
+    return flat.view(batch, channels, height, width)
+
+
+def blur_kernel_size(image_size):
+    """BYOL: kernel = 10 % of the side, odd: 23 taps at 224 px."""
+    return 2 * int(image_size / 10 / 2) + 1
+
+
+def solarize(x):
+    return torch.where(x >= 0.5, 1.0 - x, x)
+
+
+def _apply_subset(x, mask, fn, *per_sample):
+    """x[mask] = fn(x[mask], *per_sample[mask]) without touching the other samples."""
+    index = mask.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return x
+    out = fn(x.index_select(0, index), *(value.index_select(0, index) for value in per_sample))
+    return x.index_copy(0, index, out)
+
+
+def color_augment(x, recipe, generator):
+    """Colour jitter (random order per sample), grayscale, blur, solarize. x: B x 3 x S x S float in [0, 1]."""
+    batch, device = x.shape[0], x.device
+    u = torch.rand(batch, 12, generator=generator, device=device)
+    b, c, s, h = recipe.jitter
+    factors = (1 - b + 2 * b * u[:, 0], 1 - c + 2 * c * u[:, 1], 1 - s + 2 * s * u[:, 2], -h + 2 * h * u[:, 3])
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    jitter_on = u[:, 4] < recipe.jitter_p
+    order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)  # per-sample op order
+    for position in range(4):
+        for op_index, op in enumerate(ops):
+            mask = jitter_on & (order[:, position] == op_index)
+            x = _apply_subset(x, mask, op, factors[op_index])
+    x = _apply_subset(x, u[:, 5] < recipe.gray_p, lambda v: _gray(v).expand(-1, 3, -1, -1).contiguous())
+    sigma_scale = x.shape[-1] / 224  # NOTE: sigma in [0.1, 2] px is defined at 224 px; we keep the same blur relative to the image.
+    sigma = (recipe.blur_sigma[0] + (recipe.blur_sigma[1] - recipe.blur_sigma[0]) * u[:, 6]) * sigma_scale
+    kernel = blur_kernel_size(x.shape[-1])
+    if kernel > 1:
+        x = _apply_subset(x, u[:, 7] < recipe.blur_p, lambda v, sd: gaussian_blur(v, sd, kernel), sigma)
+    x = _apply_subset(x, u[:, 8] < recipe.solarize_p, solarize)
+    return x
+
+
+def normalize(x):
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(images, recipe, out_size, generator=None):
+    """One augmented view of every image, each sample with its own random parameters.
+
+    images: B x 3 x H x W uint8 on the device. Returns (views B x 3 x S x S float32 normalised,
+    boxes B x 4 (x0, y0, x1, y1) in [0, 1] coordinates of `images`, flips B bool).
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    boxes = sample_crop_boxes(batch, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device)
+    flips = torch.rand(batch, generator=generator, device=device) < recipe.flip_p
+    views = crop_resize(images.float().div_(255), boxes, flips, out_size, recipe.interpolation)
+    views = color_augment(views, recipe, generator)
+    return normalize(views), boxes, flips
+
+
+def eval_transform(images, out_size):
+    """uint8 B x 3 x H x W -> normalised float, resized to out_size when needed (centre view for kNN/eval)."""
+    x = images.float().div_(255)
+    if x.shape[-1] != out_size or x.shape[-2] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+    return normalize(x)
+
+
+def step_generator(device, seed, rank, step):
+    """A fresh generator per (seed, rank, step): augmentation draws depend only on these, so resume is exact."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63))
+    return generator
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: built-in synthetic shapes, CIFAR-10, ImageFolder. Batches reach the device as uint8.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond", "bars", "star", "half-disc", "frame")
+
+
+def _shape_masks(kind, xs, ys, radius):
+    """Boolean mask of shape class `kind` at centred coordinates (xs, ys) rotated per image; radius: N x 1 x 1."""
+    r = torch.sqrt(xs ** 2 + ys ** 2)
+    ax, ay = xs.abs(), ys.abs()
+    if kind == 0:
+        return r < radius
+    if kind == 1:
+        return torch.maximum(ax, ay) < radius * 0.85
+    if kind == 2:
+        return (ys < radius * 0.5) & (ys > -radius + 1.7 * ax)
+    if kind == 3:
+        return ((ax < radius * 0.3) & (ay < radius)) | ((ay < radius * 0.3) & (ax < radius))
+    if kind == 4:
+        return (r < radius) & (r > radius * 0.55)
+    if kind == 5:
+        return ax + ay < radius
+    if kind == 6:
+        return (ax < radius * 0.9) & (ay < radius) & ((ys / radius * 2.5).floor().remainder(2) == 0)
+    if kind == 7:
+        angle = torch.atan2(ys, xs)
+        return r < radius * (0.55 + 0.45 * torch.cos(5 * angle))
+    if kind == 8:
+        return (r < radius) & (ys > 0)
+    return (torch.maximum(ax, ay) < radius * 0.9) & (torch.maximum(ax, ay) > radius * 0.6)
+
+
+def make_synthetic(num_images, image_size=64, seed=0, num_classes=10):
+    """Built-in labelled dataset: one of 10 shapes (the label) on a cluttered, randomly coloured background.
+
+    Deterministic from `seed`. Nuisances (shape colour, background colours, blobs, position, size, rotation) are
+    independent of the label, so pixel/colour statistics say little about the class while shape does: random-init
+    features sit near chance on kNN and SSL features, which learn colour invariance from the augmentations, climb.
+    Returns (images N x 3 x S x S uint8, labels N int64).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    g = dict(generator=generator)
+    n, s = num_images, image_size
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, **g)]
+    coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    # background: two random colours mixed by a smooth random field, plus clutter blobs
+    low = torch.rand(n, 1, 4, 4, **g)
+    field = F.interpolate(low, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
+    bg_a, bg_b = torch.rand(n, 3, 1, 1, **g), torch.rand(n, 3, 1, 1, **g)
+    images = bg_a * field + bg_b * (1 - field)
+    for _ in range(4):
+        cx, cy = torch.rand(n, 1, 1, **g) * 2 - 1, torch.rand(n, 1, 1, **g) * 2 - 1
+        rad = 0.05 + 0.12 * torch.rand(n, 1, 1, **g)
+        blob = ((xx - cx) ** 2 + (yy - cy) ** 2) < rad ** 2
+        images = torch.where(blob.unsqueeze(1), torch.rand(n, 3, 1, 1, **g), images)
+    # the labelled shape
+    radius = 0.35 + 0.25 * torch.rand(n, 1, 1, **g)
+    cx = (torch.rand(n, 1, 1, **g) * 2 - 1) * (0.9 - radius)
+    cy = (torch.rand(n, 1, 1, **g) * 2 - 1) * (0.9 - radius)
+    angle = torch.rand(n, 1, 1, **g) * 2 * math.pi
+    dx, dy = xx - cx, yy - cy
+    rx = dx * torch.cos(angle) + dy * torch.sin(angle)
+    ry = -dx * torch.sin(angle) + dy * torch.cos(angle)
+    mask = torch.zeros(n, s, s, dtype=torch.bool)
+    for kind in range(num_classes):
+        chosen = labels == kind
+        if chosen.any():
+            mask[chosen] = _shape_masks(kind % len(SHAPES), rx[chosen], ry[chosen], radius[chosen])
+    colour = torch.rand(n, 3, 1, 1, **g)
+    images = torch.where(mask.unsqueeze(1), colour, images)
+    images = images + 0.04 * torch.randn(n, 3, s, s, **g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+class TensorLoader:
+    """Iterate a dataset held as one uint8 tensor (on the device) in per-rank batches of a seeded permutation.
+
+    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches; `start_batch` skips
+    batches already done in a partly finished epoch.
+    """
+
+    def __init__(self, images, labels, batch_per_rank, rank, world_size, seed, shuffle=True, drop_last=True):
+        self.images, self.labels = images, labels
+        self.batch, self.rank, self.world, self.seed = batch_per_rank, rank, world_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        n = len(self.images) // self.world
+        return n // self.batch if self.drop_last else math.ceil(n / self.batch)
+
+    def _indices(self):
+        n = len(self.images)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
+        else:
+            order = torch.arange(n)
+        per_rank = n // self.world
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        indices = self._indices().to(self.images.device)
+        for b in range(self.start_batch, len(self)):
+            chosen = indices[b * self.batch:(b + 1) * self.batch]
+            yield self.images.index_select(0, chosen), self.labels.index_select(0, chosen)
+
+
+class _ImageFolderSquares(torch.utils.data.Dataset):
+    """ImageFolder whose items are uint8 tensors: shorter side resized to `size`, centre square of `size`."""
+
+    def __init__(self, root, size):
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(root, loader=lambda path: path)  # decode ourselves, in the worker
+        self.size = size
+        self.bad_files = 0
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, index):
+        from PIL import Image, UnidentifiedImageError
+        import torchvision.transforms.v2.functional as TF
+
+        path, label = self.folder.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image = TF.center_crop(TF.resize(TF.pil_to_tensor(image), self.size, antialias=True), self.size)
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+            raise InputError(f"cannot decode image {path}: {error}") from None
+        return image, label
+
+
+class FolderLoader:
+    """DataLoader over an ImageFolder with the same interface as TensorLoader (set_epoch, len, uint8 batches)."""
+
+    def __init__(self, dataset, batch_per_rank, rank, world_size, seed, device, workers, shuffle=True, drop_last=True):
+        self.dataset, self.batch, self.rank, self.world, self.seed = dataset, batch_per_rank, rank, world_size, seed
+        self.device, self.workers, self.shuffle, self.drop_last = device, workers, shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    set_epoch = TensorLoader.set_epoch
+    __len__ = TensorLoader.__len__
+
+    def _indices(self):
+        n = len(self.dataset)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
+                 if self.shuffle else torch.arange(n))
+        per_rank = n // self.world if self.drop_last else math.ceil(n / self.world)
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        indices = self._indices()[self.start_batch * self.batch:].tolist()
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.dataset, indices), batch_size=self.batch, shuffle=False,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
+            persistent_workers=False)
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def _folder_split(root, split):
+    path = Path(root) / split
+    if not path.is_dir():
+        raise InputError(f"--data {root}: expected class folders under {path} (ImageNet layout: train/ and val/)")
+    classes = [d for d in sorted(path.iterdir()) if d.is_dir()]
+    if not classes:
+        raise InputError(f"--data {root}: no class folders in {path}")
+    extensions = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+    for folder in classes:
+        if not any(f.suffix.lower() in extensions for f in folder.iterdir()):
+            raise InputError(f"--data {root}: class folder {folder} contains no images")
+    return path
+
+
+def load_dataset(data, image_size, split, synthetic_size=2560, seed=0):
+    """Return ('tensor', images uint8 N x 3 x S x S, labels) or ('folder', Dataset, None).
+
+    data: "synthetic" (built-in, generated in memory), "cifar10" (torchvision; downloads when the network allows;
+    set SSL_DATA_ROOT for its cache), or a folder in ImageNet layout (train/ and val/ class folders).
+    """
+    if data == "synthetic":
+        n_train = synthetic_size
+        n_val = max(synthetic_size // 5, 10)
+        images, labels = make_synthetic(n_train + n_val, image_size, seed=12345)  # fixed: the dataset, not the run
+        if split == "train":
+            return "tensor", images[:n_train], labels[:n_train]
+        return "tensor", images[n_train:], labels[n_train:]
+    if data == "cifar10":
+        import numpy as np
+        from torchvision.datasets import CIFAR10
+
+        root = os.environ.get("SSL_DATA_ROOT", os.path.expanduser("~/.cache/ssl-data"))
+        try:
+            dataset = CIFAR10(root, train=(split == "train"), download=True)
+        except Exception as error:  # no network and no cache
+            raise InputError(f"--data cifar10: could not load or download CIFAR-10 into {root}: {error}") from None
+        images = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+        return "tensor", images, torch.tensor(dataset.targets)
+    if not os.path.exists(data):
+        raise InputError(f"--data {data}: no such file or directory (use 'synthetic', 'cifar10' or an ImageNet-layout folder)")
+    path = _folder_split(data, split)
+    dataset = _ImageFolderSquares(path, image_size)
+    if len(dataset) == 0:
+        raise InputError(f"--data {data}: no images found under {path}")
+    return "folder", dataset, None
+
+
+def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, shuffle=True, drop_last=True,
+                synthetic_size=2560, load_size=None):
+    """Loader yielding (images uint8 B x 3 x L x L on the device, labels). Small datasets live on the device."""
+    kind, dataset, labels = load_dataset(data, load_size or image_size, split, synthetic_size)
+    if kind == "tensor":
+        loader = TensorLoader(dataset.to(dist.device), labels.to(dist.device), batch_per_rank, dist.rank,
+                              dist.world_size, seed, shuffle, drop_last)
+    else:
+        loader = FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, seed, dist.device, workers,
+                              shuffle, drop_last)
+    if len(loader) == 0:
+        raise InputError(f"--data {data} ({split}): {len(dataset)} images are fewer than one batch of "
+                         f"{batch_per_rank} per rank x {dist.world_size} ranks")
+    return loader
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimisation: LARS, schedules, EMA
+# ---------------------------------------------------------------------------------------------------------------------
+
+def lars_param_groups(model, weight_decay):
+    """Two groups: weights (weight decay + LARS adaptation) and biases/norm parameters (neither), as in BYOL."""
+    adapted, excluded = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (excluded if param.ndim <= 1 else adapted).append(param)  # 1-D = biases and BatchNorm weights/biases
+    return [dict(params=adapted, weight_decay=weight_decay, lars=True),
+            dict(params=excluded, weight_decay=0.0, lars=False)]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) in the BYOL/optax form, with foreach kernels (no per-parameter Python math).
+
+    For a group with lars=True:   u = g + wd * w;  u *= trust * ||w|| / ||u||  (when both norms are > 0)
+    For a group with lars=False:  u = g                 (biases and BatchNorm parameters: no decay, no adaptation)
+    Then m = momentum * m + u;  w -= lr * m.
+    Use lars_param_groups(model, wd) to build the groups (1-D parameters are excluded, as BYOL excludes biases and BN).
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                if group["weight_decay"] != 0:
+                    updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                else:
+                    updates = [g.clone() for g in grads]
+                weight_norms = torch._foreach_norm(params)
+                update_norms = torch._foreach_norm(updates)
+                ratios = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
+                          for w, u in zip(weight_norms, update_norms)]
+                torch._foreach_mul_(updates, ratios)
+            else:
+                updates = grads
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr, final_lr=0.0):
+    """Linear warmup from 0 over warmup_steps, then cosine decay from peak_lr to final_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + (peak_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def cosine_tau(step, total_steps, tau_base):
+    """BYOL target momentum: tau(k) = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base to 1."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+def ema_pairs(target, online, buffers=False):
+    """Match target tensors to online tensors by name (the target may hold a subset of the online modules).
+
+    buffers=True also averages floating-point buffers (BN running stats, as EMAN does); integer buffers such as
+    num_batches_tracked are returned separately to be copied.
+    """
+    online_params = dict(online.named_parameters())
+    target_list, online_list = [], []
+    for name, param in target.named_parameters():
+        target_list.append(param)
+        online_list.append(online_params[name])
+    copies = []
+    if buffers:
+        online_buffers = dict(online.named_buffers())
+        for name, buffer in target.named_buffers():
+            if buffer.is_floating_point():
+                target_list.append(buffer)
+                online_list.append(online_buffers[name])
+            else:
+                copies.append((buffer, online_buffers[name]))
+    return target_list, online_list, copies
+
+
+@torch.no_grad()
+def ema_update(pairs, tau):
+    """target <- tau * target + (1 - tau) * online, for all tensors in one foreach call."""
+    target_list, online_list, copies = pairs
+    torch._foreach_lerp_(target_list, online_list, 1.0 - tau)
+    for target_buffer, online_buffer in copies:
+        target_buffer.copy_(online_buffer)
+
+
+def make_target(online_modules):
+    """Deep copy of the online modules (a dict name -> module) as the target network: no gradients."""
+    import copy
+
+    target = nn.ModuleDict({name: copy.deepcopy(module) for name, module in online_modules.items()})
+    for param in target.parameters():
+        param.requires_grad_(False)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, weights_only loads
+# ---------------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half-written `path`."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def load_checkpoint(path, method=None):
+    """Load a checkpoint with weights_only=True; clear InputError when missing, truncated or from another method."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {first[:160]}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise InputError(f"checkpoint {path} is not a checkpoint of this repo (no 'model'/'config' entries)")
+    if method is not None and state.get("method") != method:
+        raise InputError(f"checkpoint {path} was written by {state.get('method')!r}, not {method!r}")
+    return state
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "batch_size", "epochs")):
+    saved = state["config"]
+    for key in keys:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise InputError(f"--resume: checkpoint has {key}={saved[key]!r} but this run has {key}={getattr(cfg, key)!r}")
+
+
+def prepare_output_dir(path):
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"--out {path} is not writable: {error.strerror}") from None
+    return path
+
+
+class StopSignal:
+    """Remember SIGTERM/SIGINT so the loop can save a checkpoint at the next step boundary and exit."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logging: tqdm on rank 0, JSON lines, resolved config
+# ---------------------------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Append one JSON object per line to `path` (rank 0 only)."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, **record):
+        if self.enabled:
+            record = {key: (round(value, 6) if isinstance(value, float) else value) for key, value in record.items()}
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def progress(iterable, enabled, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def print_run_header(name, cfg, dist, extra=None):
+    print0(f"{name}: torch {torch.__version__}, device {dist.device}, world size {dist.world_size}")
+    for key, value in config_dict(cfg).items():
+        print0(f"  {key:<22} {value}")
+    for key, value in (extra or {}).items():
+        print0(f"  {key:<22} {value}  (derived)")
+
+
+def cuda_setup(dist):
+    """Device-side speed settings: TF32 matmuls on CUDA; returns (autocast dtype or None, memory format)."""
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        return torch.bfloat16, torch.channels_last
+    return None, torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kNN monitor and feature extraction (weighted kNN, k=200, T=0.1, cosine; methods.md §1.6)
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=None, memory_format=None,
+                     show_progress=False):
+    """Global-average-pooled features of one stage for every batch of `loader`, gathered over ranks.
+
+    Returns (features N x C float32, labels N) on the loader's device, identical on every rank.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for images, targets in progress(loader, show_progress and is_main(), desc=f"features {stage}", leave=False):
+        x = eval_transform(images, image_size)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            maps = backbone(x, last_stage=stage)
+        features.append(global_pool(maps[stage]).float())
+        labels.append(targets)
+    backbone.train(was_training)
+    features, labels = torch.cat(features), torch.cat(labels)
+    return _gather_ragged(features), _gather_ragged(labels)
+
+
+def _gather_ragged(tensor):
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = all_gather_nograd(count).tolist()
+    padded = torch.zeros((max(counts),) + tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    padded[:tensor.shape[0]] = tensor
+    gathered = all_gather_nograd(padded)
+    return torch.cat([gathered[i * max(counts):i * max(counts) + c] for i, c in enumerate(counts)])
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_labels, queries, k=200, temperature=0.1, num_classes=None, chunk=1024):
+    """Weighted kNN (InstDisc rule): top-k cosine neighbours vote with weight exp(sim / T). Returns (pred, scores)."""
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    k = min(k, bank.shape[0])
+    bank = F.normalize(bank, dim=1)
+    predictions, all_scores = [], []
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start:start + chunk], dim=1)
+        sims, index = (q @ bank.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, bank_labels[index], weights)
+        predictions.append(votes.argmax(dim=1))
+        all_scores.append(votes)
+    return torch.cat(predictions), torch.cat(all_scores)
+
+
+def knn_accuracy(train_features, train_labels, val_features, val_labels, k=200, temperature=0.1):
+    predictions, _ = knn_predict(train_features, train_labels, val_features, k, temperature,
+                                 int(max(train_labels.max(), val_labels.max())) + 1)
+    return (predictions == val_labels).float().mean().item() * 100
+
+
+def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=None, memory_format=None):
+    """kNN top-1 (%) of res5 features: bank = train set, queries = val set."""
+    bank, bank_labels = extract_features(backbone, train_loader, image_size, "res5", autocast_dtype, memory_format)
+    queries, query_labels = extract_features(backbone, val_loader, image_size, "res5", autocast_dtype, memory_format)
+    return knn_accuracy(bank, bank_labels, queries, query_labels)
+
+
+class Timer:
+    """images/s over a window, synchronising CUDA only when read."""
+
+    def __init__(self, device):
+        self.device, self.start, self.images = device, time.perf_counter(), 0
+
+    def add(self, images):
+        self.images += images
+
+    def rate(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        rate = self.images / max(now - self.start, 1e-9)
+        self.start, self.images = now, 0
+        return rate
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ---- Dense matching (DenseBYOL, Ladder-DenseBYOL) ----
+# DenseCL-style correspondence between the feature maps of two views (Wang et al. 2021, Sec. 3.2; Ladder Siamese
+# Network Eq. 7 "align"): every position of view a regresses onto the position of view b that looks most like it.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dense_match(query, key, max_elements=2 ** 26):
+    """For every query position, the index of the key position with the highest cosine similarity.
+
+    query: B x C x H x W (view a), key: B x C x H' x W' (view b)  ->  idx: B x HW, values in [0, H'W').
+    argmax has no gradient, so this runs under no_grad: it only decides which target vector each position regresses
+    onto. The B x HW x H'W' similarity is built a few images at a time (at most `max_elements` entries, 256 MB in
+    float32): at res2 of a 224 px view (56 x 56) one image alone needs 3136^2 = 9.8 M entries.
+    """
+    query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
+    key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
+    per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
+    return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk], key[start:start + per_chunk])
+                      .argmax(dim=2) for start in range(0, query.shape[0], per_chunk)])  # B x HW
+
+
+def gather_positions(features, idx):
+    """Pick positions of a map: features B x C x H x W, idx B x N (flat indices into H x W)  ->  B x C x N."""
+    flat = features.flatten(2)  # B x C x HW
+    return flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
+
+
+def dense_regression_loss(prediction, target, query, key):
+    """One direction of the DenseBYOL loss (Ladder Siamese Network Eq. 7). Range [0, 4].
+
+    mean over batch and positions (i, j) of 2 - 2 cos(prediction_ij, sg(target at the position matched to ij)).
+    prediction: B x D x H x W (online prediction of view a); target: B x D x H' x W' (target projection of view b);
+    query: B x C x H x W and key: B x C x H' x W', the maps of views a and b the matching is computed on.
+    """
+    aligned = gather_positions(target, dense_match(query, key))  # B x D x HW
+    return regression_loss(prediction.flatten(2), aligned)

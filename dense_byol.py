@@ -1,0 +1,297 @@
+"""DenseBYOL: BYOL plus a dense loss on the last feature map, a non-contrastive DenseCL.
+
+Defined in Ladder Siamese Network (Yoshihashi et al., arXiv:2211.13844, Sec. 3.3, Eq. 7, Table 4-5 row "DenseBYOL")
+as the BYOL counterpart of DenseCL (Wang et al., CVPR 2021, arXiv:2011.09157). Next to BYOL's global branch, a
+1x1-conv projector and predictor run at every position of the res5 map; every position of view a regresses the
+target projection of the position of view b that looks most like it (highest cosine), with a stop-gradient.
+
+    y = f(v), z = g(pool y), p = q(z)                   global branch, exactly BYOL
+    y^a = g^conv(y_a), p^a = q^conv(y^a)                dense branch: online, on the res5 map (B x D x h x w)
+    y'^b = g'^conv(f'(v_b))                             target (EMA of f, g, g^conv; no predictor), no gradient
+    align(y'^b; y^a)_ij = y'^b_uv,  (u, v) = argmax_uv cos(y^a_ij, y'^b_uv)                      (Eq. 7)
+    D = mean_ij l(p^a_ij, sg align(y'^b; y^a)_ij) + (a <-> b),   l(p, z) = 2 - 2 cos(p, z)      (range [0, 8])
+    loss = (1 - lambda) L_BYOL + lambda D,  lambda = 1/2                                        (DenseCL's averaging)
+
+Commands:
+    python dense_byol.py                                   # built-in synthetic data, CPU-sized defaults
+    torchrun --standalone --nproc_per_node=2 dense_byol.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node=8 dense_byol.py --data /path/to/imagenet --preset imagenet
+    python eval_linear.py --ckpt runs/dense_byol/last.pt   # kNN + linear probe of the frozen backbone
+
+No code was released for DenseBYOL; this follows the paper's Eq. 7 and methods.md §4 (DenseCL facts from its code).
+The same model is `python ladder_byol.py --weights 0,0,0,1 --dense-stages res5 --dense-hidden-dim 4096`.
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from common import (InputError, augment, conv_mlp, cosine_tau, dense_regression_loss, ema_update, global_pool, lr_at,
+                    mlp, print0, regression_loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """DenseBYOL pretraining. Defaults are sized for a 2-core CPU on the built-in data; --preset imagenet is the paper."""
+    # data
+    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    image_size: int = 64             # px of each augmented view; paper: 224. NOTE: 64, not byol.py's 32, so res5 is 2 x 2, not 1 x 1
+    load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
+    workers: int = 8                 # DataLoader workers per process (folder data only)
+    # model
+    arch: str = "resnet18"           # resnet18 | resnet50 (paper)
+    stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
+    hidden_dim: int = 4096           # projector/predictor hidden width; paper: 4096
+    proj_dim: int = 256              # projection width; paper: 256
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: cross-replica BN
+    # dense branch (Eq. 7)
+    dense_hidden_dim: int = 4096     # hidden width of the 1x1-conv projector/predictor; paper: not stated (BYOL's 4096)
+    dense_weight: float = 0.5        # lambda of (1 - lambda) L_global + lambda L_dense; DenseCL: 0.5
+    match_on: str = "projection"     # align() on dense projections (Eq. 7) | backbone res5 maps (DenseCL)
+    # optimisation
+    epochs: int = 12                 # paper: 100 (Table 5)
+    batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.45 (lr 7.2 at batch 4096)
+    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1e-6
+    warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
+    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: "as BYOL" (0.99 for 100-300 ep)
+    # run
+    seed: int = 0
+    out: str = "runs/dense_byol"     # checkpoints, metrics.jsonl
+    resume: bool = False             # continue from <out>/last.pt
+    knn_every: int = 4               # epochs between kNN monitors (0 = only at the end)
+    log_every: int = 10              # steps between logged metrics (and host syncs)
+    ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
+    keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
+    device: str = ""                 # "" = cuda if available else cpu
+    compile: bool = False            # torch.compile the online and target networks
+
+
+_IMAGENET = dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45, weight_decay=1e-6,
+                 warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
+PRESETS = {
+    # Ladder paper Sec. 4.1 (its DenseBYOL baseline shares the Ladder recipe): LARS, batch 4096, lr 7.2, wd 1e-6,
+    # cosine; 100 epochs in Tables 4-5. NOTE: warmup and tau_base are not stated in the paper; these are BYOL's.
+    "imagenet": dict(_IMAGENET, epochs=100),
+    "imagenet-200ep": dict(_IMAGENET, epochs=200),
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px: res5 is 4 x 4); not a paper recipe.
+    "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
+                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+class DenseBYOL(nn.Module):
+    """Online network: BYOL's backbone, projector, predictor, plus a 1x1-conv projector and predictor on res5.
+
+    The target copies backbone + both projectors. NOTE: the paper gives no dense head widths; like methods.md §4 we
+    mirror BYOL's MLPs per position (C -> 4096 -> 256). At res5 of a 224 px view (7 x 7) that is cheap (0.5 GMACs
+    per view for ResNet-50), unlike at res2 (see ladder_byol.py).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = common.ResNetTrunk(cfg.arch, cfg.stem)
+        self.projector = mlp(self.backbone.channels["res5"], cfg.hidden_dim, cfg.proj_dim)
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.dense_projector = conv_mlp(self.backbone.channels["res5"], cfg.dense_hidden_dim, cfg.proj_dim)
+        self.dense_predictor = conv_mlp(cfg.proj_dim, cfg.dense_hidden_dim, cfg.proj_dim)
+        self.match_on = cfg.match_on
+
+    def forward(self, views):
+        """views: list of B x 3 x S x S. Returns per view {"global": B x proj_dim, "dense": B x proj_dim x h x w,
+        "match": the map align() compares} (BN statistics per view)."""
+        outputs = []
+        for view in views:
+            out = embed(self, view, self.match_on)
+            out["global"] = self.predictor(out["global"])  # B x proj_dim
+            out["dense"] = self.dense_predictor(out["dense"])  # B x proj_dim x h x w
+            outputs.append(out)
+        return outputs
+
+
+def embed(net, view, match_on):
+    """Global and dense projections of a network holding .backbone, .projector, .dense_projector (online or target)."""
+    feature_map = net.backbone(view)["res5"]  # B x C x h x w
+    dense = net.dense_projector(feature_map)  # B x proj_dim x h x w
+    # NOTE: Eq. 7 matches on the projected vectors y = p^conv(z) (default: the paper we implement); DenseCL matches
+    # on backbone features (--match-on backbone), which do not move with the head. align() is an argmax, no gradient.
+    return {"global": net.projector(global_pool(feature_map)), "dense": dense,
+            "match": dense if match_on == "projection" else feature_map}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+def dense_byol_loss(predictions, targets, dense_weight):
+    """(1 - lambda) L_BYOL + lambda D, both symmetric (range [0, 8]). Returns (loss, L_BYOL, D)."""
+    p1, p2 = predictions
+    z1, z2 = targets
+    global_loss = regression_loss(p1["global"], z2["global"]) + regression_loss(p2["global"], z1["global"])
+    dense_loss = (dense_regression_loss(p1["dense"], z2["dense"], p1["match"], z2["match"])
+                  + dense_regression_loss(p2["dense"], z1["dense"], p2["match"], z1["match"]))
+    return (1 - dense_weight) * global_loss + dense_weight * dense_loss, global_loss, dense_loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+def train(cfg, dist):
+    torch.manual_seed(cfg.seed)
+    out = common.prepare_output_dir(cfg.out) if dist.is_main else None
+    autocast_dtype, memory_format = common.cuda_setup(dist)
+    world_batch = cfg.batch_size
+    batch_per_rank = world_batch // dist.world_size
+    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
+    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
+                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
+    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * world_batch / 256
+
+    model = DenseBYOL(cfg).to(dist.device, memory_format=memory_format)
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector,
+                                 "dense_projector": model.dense_projector})
+    if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    ema_pairs = common.ema_pairs(target, model)
+    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+
+    step = 0
+    if cfg.resume:
+        state = common.load_checkpoint(f"{cfg.out}/last.pt", method="dense_byol")
+        common.check_resume_compatible(state, cfg)
+        model.load_state_dict(state["model"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+        print0(f"resumed from {cfg.out}/last.pt at step {step}")
+
+    ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    online_forward, target_forward = ddp_model, (lambda views: [embed(target, view, cfg.match_on) for view in views])
+    if cfg.compile:
+        online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)
+
+    common.print_run_header("dense_byol", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
+                                                         steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+    log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
+    stop = common.StopSignal()
+
+    def save(epoch, reason):
+        if dist.is_main:
+            state = dict(method="dense_byol", config=common.config_dict(cfg), step=step, epoch=epoch,
+                         model=model.state_dict(), target=target.state_dict(), optimizer=optimizer.state_dict(),
+                         rng=common.rng_state(), world_size=dist.world_size)
+            common.save_checkpoint(state, out / "last.pt")
+            if reason == "keep":
+                common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")
+        common.barrier()
+
+    def knn(epoch):
+        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
+                                      memory_format)
+        print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
+        log.write(epoch=epoch, step=step, knn_top1=accuracy)
+        return accuracy
+
+    if step == 0 and cfg.knn_every > 0:
+        knn(0)  # the random-init baseline every report compares against
+    accuracy = None
+    timer = common.Timer(dist.device)
+    start_epoch = step // steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
+        for images, _ in bar:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+            tau = cosine_tau(step, total_steps, cfg.tau_base)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
+            views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
+                     for recipe in common.BYOL_VIEWS]
+            with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                predictions = online_forward(views)
+                with torch.no_grad():
+                    targets = target_forward(views)
+            loss, global_loss, dense_loss = dense_byol_loss(predictions, targets, cfg.dense_weight)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema_update(ema_pairs, tau)  # target <- tau * target + (1 - tau) * online
+            step += 1
+            timer.add(images.shape[0] * dist.world_size)
+
+            at_epoch_end = step % steps_per_epoch == 0
+            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
+                loss_value, global_value, dense_value = common.all_reduce_mean(
+                    torch.stack([loss, global_loss, dense_loss]).detach()).tolist()
+                if not math.isfinite(loss_value):
+                    raise common.TrainingError(f"non-finite loss at step {step}: dense_byol loss = {loss_value} "
+                                               f"(global {global_value}, dense {dense_value}); "
+                                               f"last good checkpoint kept in {cfg.out}/last.pt")
+                images_per_s = timer.rate()
+                bar.set_postfix(loss=f"{loss_value:.4f}", glob=f"{global_value:.3f}", dense=f"{dense_value:.3f}",
+                                lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, loss=loss_value, loss_global=global_value, loss_dense=dense_value,
+                          lr=lr, tau=tau, images_per_s=images_per_s)
+            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
+                save(epoch, "steps")
+            if stop.received or step == cfg.stop_after:
+                save(epoch, "stop")
+                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                return None
+        bar.close()
+        last_epoch = epoch + 1 == cfg.epochs
+        save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
+        if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
+            accuracy = knn(epoch + 1)
+    print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
+    return accuracy
+
+
+def main(argv=None):
+    try:
+        cfg = common.parse_config(Config, PRESETS, argv)
+        dist = common.setup_distributed(cfg.device or None)
+        common.check_common_config(cfg, dist.world_size)
+        common.check(0 <= cfg.dense_weight <= 1, f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
+        common.check(cfg.match_on in ("projection", "backbone"),
+                     f"--match-on must be projection or backbone, got {cfg.match_on!r}")
+        return train(cfg, dist)
+    except InputError as error:
+        common.die(str(error))
+    except common.TrainingError as error:
+        common.die(str(error), code=3)
+    finally:
+        common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

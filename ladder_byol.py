@@ -1,0 +1,389 @@
+"""Ladder-BYOL and Ladder-DenseBYOL: Ladder Siamese Network (Yoshihashi et al., arXiv:2211.13844).
+
+BYOL with a self-supervised loss on every stage of the backbone, not only the last one. Each stage res2..res5 has
+its own side branch (global pool -> projector -> predictor), mirrored by EMA projectors in the target, and its own
+BYOL loss; the intermediate losses reach the lower stages directly instead of only through the layers above them.
+Ladder-DenseBYOL makes the losses of the lower stages (res2, res3) dense: DenseBYOL, a non-contrastive DenseCL,
+averaged with the global loss of the same stage.
+
+    z_i = f_i(z_{i-1})                                    stage maps res2..res5 of the online backbone
+    L_i = l(q_i(p_i(pool z_i^a)), sg p'_i(pool z'_i^b))   + the same with a <-> b                     (Eq. 5)
+    L_all = L_res5 + sum_i w_i L_i,  w_i = 2^(i-N) w      res2..res4 = 1/16, 1/8, 1/4 (w = 1/2)        (Eq. 4, 6)
+    dense stage:  L_i = (1 - lambda) L_i + lambda D_i,    lambda = 1/2 ("averaging", DenseCL)           (Sec. 3.3)
+    D_i = mean_jk l(q_i^conv(y^a)_jk, sg align(y'^b; y^a)_jk) + a <-> b,  y = p_i^conv(z_i)            (Eq. 7)
+    align: for every position jk of view a, the position of view b whose projection has the highest cosine
+    l(p, z) = 2 - 2 cos(p, z);  xi <- tau xi + (1 - tau) theta after every step, as in BYOL
+
+Loss patterns of Table 5 (G = global, D = dense+global, - = no loss):
+    G G G G  Ladder-BYOL        python ladder_byol.py
+    D D G G  Ladder-DenseBYOL   python ladder_byol.py --dense-stages res2,res3
+    D D D D                     python ladder_byol.py --dense-stages res2,res3,res4,res5
+    - - - G  BYOL               python ladder_byol.py --weights 0,0,0,1          (same loss and gradients as byol.py)
+    - - - D  DenseBYOL          python ladder_byol.py --weights 0,0,0,1 --dense-stages res5   (= dense_byol.py)
+Table 6 rows: --w 0.25 | --w 0.5 (default) | --w 1 | --weights 1/8,1/8,1/8,1
+
+Commands:
+    python ladder_byol.py                                   # built-in synthetic data, CPU-sized defaults
+    torchrun --standalone --nproc_per_node=2 ladder_byol.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node=8 ladder_byol.py --data /path/to/imagenet --preset imagenet        # Ladder-BYOL, 200 ep
+    torchrun --nproc_per_node=8 ladder_byol.py --data /path/to/imagenet --preset imagenet-dense  # Ladder-DenseBYOL
+    python eval_linear.py --ckpt runs/ladder_byol/last.pt   # kNN + linear probe of the frozen backbone (--stage res2..)
+
+No official code was released; everything here follows the paper text (Sec. 3-4, Tables 5-7) and methods.md §3-§4.
+"""
+
+import dataclasses
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from common import (STAGES, InputError, augment, conv_mlp, cosine_tau, dense_regression_loss, ema_update, global_pool,
+                    lr_at, mlp, print0, regression_loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Ladder-BYOL / Ladder-DenseBYOL pretraining. CPU-sized defaults; --preset imagenet is the paper (Sec. 4.1)."""
+    # data
+    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    image_size: int = 32             # px of each augmented view; paper: 224
+    load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
+    workers: int = 8                 # DataLoader workers per process (folder data only)
+    # model
+    arch: str = "resnet18"           # resnet18 | resnet50 (paper)
+    stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
+    hidden_dim: int = 4096           # projector/predictor hidden width, every stage; paper: 4096 (intermediate: not stated)
+    proj_dim: int = 256              # projection width, every stage; paper: 256 (intermediate: not stated)
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: cross-replica BN
+    # ladder (Eq. 4-7)
+    w: float = 0.5                   # Eq. 6 coefficient: res2, res3, res4 get w/8, w/4, w/2; paper: 0.5 (Table 6: 0.25, 1)
+    weights: tuple = ()              # explicit res2,res3,res4,res5 weights (fractions ok: 1/8,1/8,1/8,1); overrides --w; 0 = no head
+    dense_stages: tuple = ()         # stages whose loss is dense + global (Eq. 7); Ladder-DenseBYOL: res2,res3 (Table 5)
+    dense_weight: float = 0.5        # lambda of (1 - lambda) L_global + lambda L_dense at a dense stage; DenseCL: 0.5
+    dense_hidden_dim: int = 1024     # hidden width of the 1x1-conv projector/predictor; paper: not stated (see NOTE in StageHead)
+    match_on: str = "projection"     # align() on dense projections (Eq. 7) | backbone maps (DenseCL)
+    # optimisation
+    epochs: int = 12                 # paper: 100 and 200 (Table 1 also 400)
+    batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.45 (lr 7.2 at batch 4096)
+    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1e-6
+    warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
+    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: "as BYOL" (0.99 for 100-300 ep)
+    # run
+    seed: int = 0
+    out: str = "runs/ladder_byol"    # checkpoints, metrics.jsonl
+    resume: bool = False             # continue from <out>/last.pt
+    knn_every: int = 4               # epochs between kNN monitors (0 = only at the end)
+    log_every: int = 10              # steps between logged metrics (and host syncs)
+    ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
+    keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
+    device: str = ""                 # "" = cuda if available else cpu
+    compile: bool = False            # torch.compile the online and target networks
+
+
+_IMAGENET = dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45, weight_decay=1e-6,
+                 warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
+PRESETS = {
+    # Sec. 4.1: LARS, batch 4096, lr 7.2 (= 0.45 * 4096 / 256), wd 1e-6, cosine, 100 / 200 epochs; the rest as BYOL
+    # (10 warmup epochs, tau_base 0.99). NOTE: the paper does not state warmup or tau_base; these are BYOL's.
+    "imagenet": dict(_IMAGENET, epochs=200),
+    "imagenet-100ep": dict(_IMAGENET, epochs=100),
+    "imagenet-dense": dict(_IMAGENET, epochs=200, dense_stages=("res2", "res3")),          # Ladder-DenseBYOL
+    "imagenet-dense-100ep": dict(_IMAGENET, epochs=100, dense_stages=("res2", "res3")),
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
+    "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
+                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10),
+}
+
+
+def stage_weights(cfg):
+    """Loss weight of each stage (Eq. 4, 6): {"res2": w/8, "res3": w/4, "res4": w/2, "res5": 1} or --weights.
+
+    Eq. 6, w_i = 2^(i-N) w, counts the ResNet stages conv1, res2, ..., res5 as i = 1..N = 5; the final loss keeps
+    weight 1 (Eq. 4). A stage with weight 0 gets no head at all, so --weights 0,0,0,1 is BYOL.
+    """
+    if not cfg.weights:
+        return {"res2": cfg.w / 8, "res3": cfg.w / 4, "res4": cfg.w / 2, "res5": 1.0}
+    if len(cfg.weights) != len(STAGES):
+        raise InputError(f"--weights needs {len(STAGES)} values (res2,res3,res4,res5), got {len(cfg.weights)}")
+    try:
+        values = [float(Fraction(str(value))) for value in cfg.weights]
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"--weights: cannot read {','.join(map(str, cfg.weights))} as numbers or fractions") from None
+    return dict(zip(STAGES, values))
+
+
+def check_ladder_config(cfg):
+    weights = stage_weights(cfg)
+    common.check(all(value >= 0 for value in weights.values()), f"--weights must be >= 0, got {weights}")
+    common.check(weights["res5"] > 0, "--weights: the final res5 loss is always on (Eq. 4); give it a weight > 0")
+    for stage in cfg.dense_stages:
+        common.check(stage in STAGES, f"--dense-stages: unknown stage {stage!r}; choose from {','.join(STAGES)}")
+        common.check(weights[stage] > 0, f"--dense-stages: {stage} has loss weight 0, so it has no head")
+    common.check(0 <= cfg.dense_weight <= 1, f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
+    common.check(cfg.match_on in ("projection", "backbone"),
+                 f"--match-on must be projection or backbone, got {cfg.match_on!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+class StageHead(nn.Module):
+    """One rung of the ladder: the side branch on one stage map (Fig. 2).
+
+    global (Eq. 5): global pool -> projector p_i (MLP) -> predictor q_i (MLP), the BYOL head on a pooled stage map.
+    dense  (Eq. 7): 1x1-conv projector p_i^conv -> 1x1-conv predictor q_i^conv, the same MLP at every position.
+    NOTE: the paper states no head widths for the intermediate stages; the global heads copy BYOL's (hidden_dim,
+    proj_dim). The dense heads get their own hidden width, dense_hidden_dim = 1024 by default: a 4096-wide 1x1-conv
+    head at res2 of a 224 px ResNet-50 view (56 x 56 positions) costs 6.6 GMACs per view, more than the backbone
+    (4.1 GMACs); at 1024 it costs 1.6 GMACs (res3: 0.6) and the projection width stays proj_dim (methods.md §3).
+    """
+
+    def __init__(self, in_dim, cfg, dense):
+        super().__init__()
+        self.projector = mlp(in_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
+        if dense:
+            self.dense_projector = conv_mlp(in_dim, cfg.dense_hidden_dim, cfg.proj_dim)
+            self.dense_predictor = conv_mlp(cfg.proj_dim, cfg.dense_hidden_dim, cfg.proj_dim)
+
+    def target_modules(self):
+        """What the EMA target mirrors: the projectors (BYOL's target has no predictor)."""
+        return nn.ModuleDict({name: module for name, module in self.named_children() if name.endswith("projector")})
+
+
+class LadderBYOL(nn.Module):
+    """Online network: backbone with one StageHead per stage that has a loss. The target copies backbone + projectors."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = common.ResNetTrunk(cfg.arch, cfg.stem)
+        weights = stage_weights(cfg)
+        self.heads = nn.ModuleDict({stage: StageHead(self.backbone.channels[stage], cfg, stage in cfg.dense_stages)
+                                    for stage in STAGES if weights[stage] > 0})
+        self.match_on = cfg.match_on
+
+    def forward(self, views):
+        """views: list of B x 3 x S x S. Returns per view {stage: predictions} (BN statistics per view).
+
+        predictions: "global" B x proj_dim; at a dense stage also "dense" B x proj_dim x h x w (q^conv(y^a)) and
+        "match" (the view-a map that align() compares: y^a = p^conv(z^a), or z^a with --match-on backbone).
+        """
+        outputs = []
+        for view in views:
+            projections = embed(self, view, self.match_on)
+            for stage, out in projections.items():
+                head = self.heads[stage]
+                out["global"] = head.predictor(out["global"])  # B x proj_dim
+                if "dense" in out:
+                    out["dense"] = head.dense_predictor(out["dense"])  # B x proj_dim x h x w
+            outputs.append(projections)
+        return outputs
+
+
+def embed(net, view, match_on):
+    """Projections of every stage of a network holding .backbone and .heads (the online model or its target).
+
+    Returns {stage: {"global": B x proj_dim, and at dense stages "dense": B x proj_dim x h x w, "match": B x C x h x w}}.
+    """
+    maps = net.backbone(view)  # stage -> B x C x h x w
+    out = {}
+    for stage, head in net.heads.items():
+        out[stage] = {"global": head.projector(global_pool(maps[stage]))}  # B x proj_dim
+        if hasattr(head, "dense_projector"):  # a dense stage
+            dense = head.dense_projector(maps[stage])  # B x proj_dim x h x w
+            out[stage]["dense"] = dense
+            # NOTE: Eq. 7 matches on the projected vectors y = p^conv(z) (default); DenseCL matches on backbone
+            # features (--match-on backbone). We follow the paper we implement; align() is an argmax, no gradient.
+            out[stage]["match"] = dense if match_on == "projection" else maps[stage]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+def ladder_loss(predictions, targets, weights, dense_weight):
+    """Eq. 4: L_all = sum_i w_i L_i over the stages with a head. Returns (L_all, {stage: L_i}, {stage: D_i}).
+
+    Each L_i is the symmetric BYOL loss on the pooled stage (Eq. 5, range [0, 8]); at a dense stage it is averaged
+    with the symmetric DenseBYOL loss D_i (Eq. 7): (1 - dense_weight) L_i + dense_weight D_i, as DenseCL does.
+    """
+    p1, p2 = predictions
+    z1, z2 = targets
+    stage_losses, dense_losses = {}, {}
+    for stage in p1:
+        loss = regression_loss(p1[stage]["global"], z2[stage]["global"]) + regression_loss(p2[stage]["global"],
+                                                                                            z1[stage]["global"])
+        if "dense" in p1[stage]:
+            dense_losses[stage] = (
+                dense_regression_loss(p1[stage]["dense"], z2[stage]["dense"], p1[stage]["match"], z2[stage]["match"])
+                + dense_regression_loss(p2[stage]["dense"], z1[stage]["dense"], p2[stage]["match"], z1[stage]["match"]))
+            loss = (1 - dense_weight) * loss + dense_weight * dense_losses[stage]
+        stage_losses[stage] = loss
+    total = sum(weights[stage] * loss for stage, loss in stage_losses.items())
+    return total, stage_losses, dense_losses
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+def train(cfg, dist):
+    torch.manual_seed(cfg.seed)
+    out = common.prepare_output_dir(cfg.out) if dist.is_main else None
+    autocast_dtype, memory_format = common.cuda_setup(dist)
+    world_batch = cfg.batch_size
+    batch_per_rank = world_batch // dist.world_size
+    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
+    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
+                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
+    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * world_batch / 256
+
+    weights = stage_weights(cfg)
+    model = LadderBYOL(cfg).to(dist.device, memory_format=memory_format)
+    target = common.make_target({"backbone": model.backbone,
+                                 "heads": nn.ModuleDict({stage: head.target_modules() for stage, head in model.heads.items()})})
+    if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    ema_pairs = common.ema_pairs(target, model)
+    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+
+    step = 0
+    if cfg.resume:
+        state = common.load_checkpoint(f"{cfg.out}/last.pt", method="ladder_byol")
+        common.check_resume_compatible(state, cfg)
+        for key in ("w", "weights", "dense_stages", "dense_hidden_dim"):  # these decide which heads exist
+            saved, now = state["config"].get(key), common.config_dict(cfg)[key]
+            common.check(saved == now, f"--resume: checkpoint has {key}={saved!r} but this run has {key}={now!r}")
+        model.load_state_dict(state["model"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+        print0(f"resumed from {cfg.out}/last.pt at step {step}")
+
+    ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    online_forward, target_forward = ddp_model, (lambda views: [embed(target, view, cfg.match_on) for view in views])
+    if cfg.compile:
+        online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)
+
+    common.print_run_header("ladder_byol", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
+                                                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                                          stage_weights=weights, dense_stages=list(cfg.dense_stages)))
+    log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
+    stop = common.StopSignal()
+
+    def save(epoch, reason):
+        if dist.is_main:
+            state = dict(method="ladder_byol", config=common.config_dict(cfg), step=step, epoch=epoch,
+                         model=model.state_dict(), target=target.state_dict(), optimizer=optimizer.state_dict(),
+                         rng=common.rng_state(), world_size=dist.world_size)
+            common.save_checkpoint(state, out / "last.pt")
+            if reason == "keep":
+                common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")
+        common.barrier()
+
+    def knn(epoch):
+        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
+                                      memory_format)
+        print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
+        log.write(epoch=epoch, step=step, knn_top1=accuracy)
+        return accuracy
+
+    if step == 0 and cfg.knn_every > 0:
+        knn(0)  # the random-init baseline every report compares against
+    accuracy = None
+    timer = common.Timer(dist.device)
+    start_epoch = step // steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
+        for images, _ in bar:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+            tau = cosine_tau(step, total_steps, cfg.tau_base)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
+            views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
+                     for recipe in common.BYOL_VIEWS]
+            with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                predictions = online_forward(views)
+                with torch.no_grad():
+                    targets = target_forward(views)
+            loss, stage_losses, dense_losses = ladder_loss(predictions, targets, weights, cfg.dense_weight)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema_update(ema_pairs, tau)  # target <- tau * target + (1 - tau) * online
+            step += 1
+            timer.add(images.shape[0] * dist.world_size)
+
+            at_epoch_end = step % steps_per_epoch == 0
+            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
+                # one all-reduce for the total and every rung of the ladder (each stage's loss is logged on its own)
+                names = ["loss"] + [f"loss_{s}" for s in stage_losses] + [f"dense_{s}" for s in dense_losses]
+                values = torch.stack([loss] + list(stage_losses.values()) + list(dense_losses.values())).detach()
+                logged = dict(zip(names, common.all_reduce_mean(values).tolist()))
+                if not math.isfinite(logged["loss"]):
+                    raise common.TrainingError(f"non-finite loss at step {step}: ladder losses = {logged}; "
+                                               f"last good checkpoint kept in {cfg.out}/last.pt")
+                images_per_s = timer.rate()
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", **{s: f"{logged[f'loss_{s}']:.3f}" for s in stage_losses},
+                                lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **logged, lr=lr, tau=tau, images_per_s=images_per_s)
+            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
+                save(epoch, "steps")
+            if stop.received or step == cfg.stop_after:
+                save(epoch, "stop")
+                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                return None
+        bar.close()
+        last_epoch = epoch + 1 == cfg.epochs
+        save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
+        if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
+            accuracy = knn(epoch + 1)
+    print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
+    return accuracy
+
+
+def main(argv=None):
+    try:
+        cfg = common.parse_config(Config, PRESETS, argv)
+        dist = common.setup_distributed(cfg.device or None)
+        common.check_common_config(cfg, dist.world_size)
+        check_ladder_config(cfg)
+        return train(cfg, dist)
+    except InputError as error:
+        common.die(str(error))
+    except common.TrainingError as error:
+        common.die(str(error), code=3)
+    finally:
+        common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

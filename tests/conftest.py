@@ -1,0 +1,7 @@
+"""Put the repo root on sys.path so tests import the method files (`import byol`) and `common`."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

@@ -1,0 +1,322 @@
+"""Shared parts: BYOL loss, schedules, LARS, EMA, kNN (methods.md §8 B1-B5, K1), augmentation, config, checkpoints."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.transforms.v2.functional as TF
+
+import common
+
+
+# --- B1, B4: regression loss ----------------------------------------------------------------------------------------
+
+def test_b1_byol_loss_value():
+    torch.manual_seed(0)
+    p1, z2, p2, z1 = (torch.randn(8, 256) for _ in range(4))
+    total = common.regression_loss(p1, z2) + common.regression_loss(p2, z1)
+    assert total.item() == pytest.approx(3.986863, abs=1e-5)
+
+
+def test_b4_loss_invariants():
+    x = torch.randn(5, 16)
+    assert common.regression_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert common.regression_loss(x, -x).item() == pytest.approx(4.0, abs=1e-6)
+    e1, e2 = torch.eye(16)[:1], torch.eye(16)[1:2]
+    assert common.regression_loss(e1, e2).item() == pytest.approx(2.0, abs=1e-6)
+    # dense form: cosine over channels, mean over batch and positions
+    dense = torch.randn(2, 8, 3, 3)
+    assert common.regression_loss(dense, dense).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_regression_loss_stops_gradient_on_target():
+    p = torch.randn(4, 8, requires_grad=True)
+    z = torch.randn(4, 8, requires_grad=True)
+    common.regression_loss(p, z).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert z.grad is None
+
+
+# --- B2, C4: schedules ----------------------------------------------------------------------------------------------
+
+def test_b2_schedules_at_boundaries():
+    images, batch, epochs = 1_281_167, 4096, 1000
+    total = epochs * images // batch
+    warmup = 10 * images // batch
+    assert (total, warmup) == (312_784, 3127)
+    peak = 0.2 * batch / 256
+    assert common.lr_at(0, total, warmup, peak) == 0.0
+    assert common.lr_at(1563, total, warmup, peak) == pytest.approx(1.599488, abs=1e-5)
+    assert common.lr_at(3127, total, warmup, peak) == pytest.approx(3.2, abs=1e-9)
+    assert common.lr_at(156_392, total, warmup, peak) == pytest.approx(1.625379, abs=1e-5)
+    assert common.lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    assert common.cosine_tau(0, total, 0.996) == pytest.approx(0.996)
+    assert common.cosine_tau(156_392, total, 0.996) == pytest.approx(0.998, abs=1e-9)
+    assert common.cosine_tau(total, total, 0.996) == pytest.approx(1.0)
+    # LEWEL EMAN numbers (C4)
+    assert [common.cosine_tau(k, 1000, 0.98) for k in (0, 500, 1000)] == pytest.approx([0.98, 0.99, 1.0])
+
+
+# --- B3: LARS -------------------------------------------------------------------------------------------------------
+
+def reference_lars_step(params, lr, momentum, weight_decay, trust, buffers, adapted):
+    """Plain per-parameter LARS (optax order), the formula in common.LARS's docstring."""
+    for index, p in enumerate(params):
+        g = p.grad.clone()
+        if adapted[index]:
+            g = g + weight_decay * p.data
+            w_norm, u_norm = p.data.norm(), g.norm()
+            if w_norm > 0 and u_norm > 0:
+                g = g * (trust * w_norm / u_norm)
+        buffers[index] = momentum * buffers[index] + g
+        p.data -= lr * buffers[index]
+
+
+def test_b3_trust_ratio_and_lars_matches_reference():
+    torch.manual_seed(2)
+    w, g = torch.randn(4, 4), torch.randn(4, 4)
+    ratio = 1e-3 * w.norm() / (g + 1.5e-6 * w).norm()
+    assert ratio.item() == pytest.approx(0.000816783, abs=1e-9)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    reference = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    groups = common.lars_param_groups(model, weight_decay=0.01)
+    optimizer = common.LARS(groups, lr=0.5, momentum=0.9)
+    adapted = [p.ndim > 1 for p in model.parameters()]
+    buffers = [torch.zeros_like(p) for p in reference]
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in reference]
+        for p, r, grad in zip(model.parameters(), reference, grads):
+            p.grad, r.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference_lars_step(reference, 0.5, 0.9, 0.01, 1e-3, buffers, adapted)
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_lars_excludes_biases_and_norm_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    adapted, excluded = common.lars_param_groups(model, 1e-6)
+    assert {id(p) for p in adapted["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert adapted["weight_decay"] == 1e-6 and adapted["lars"]
+    assert excluded["weight_decay"] == 0.0 and not excluded["lars"] and len(excluded["params"]) == 4
+
+
+# --- B5: target network and EMA -------------------------------------------------------------------------------------
+
+def test_b5_target_copy_and_ema_formula():
+    torch.manual_seed(0)
+    online = nn.ModuleDict(dict(backbone=nn.Linear(4, 4), projector=nn.Linear(4, 2), predictor=nn.Linear(2, 2)))
+    target = common.make_target({"backbone": online.backbone, "projector": online.projector})
+    for name, param in target.named_parameters():
+        assert torch.equal(param, dict(online.named_parameters())[name]) and not param.requires_grad
+    assert not any(name.startswith("predictor") for name, _ in target.named_parameters())
+    pairs = common.ema_pairs(target, online)
+    old = [t.clone() for t in pairs[0]]
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    online.predictor(online.projector(online.backbone(torch.randn(3, 4)))).pow(2).sum().backward()
+    optimizer.step()
+    common.ema_update(pairs, 0.99)
+    for t, o, before in zip(*pairs[:2], old):
+        torch.testing.assert_close(t - before, (1 - 0.99) * (o - before), rtol=1e-5, atol=1e-7)
+
+
+def test_ema_with_buffers_copies_integer_buffers():
+    online = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    target = common.make_target({"0": online[0], "1": online[1]})
+    online.train()
+    online(torch.randn(8, 3))
+    pairs = common.ema_pairs(target, nn.ModuleDict({"0": online[0], "1": online[1]}), buffers=True)
+    common.ema_update(pairs, 0.5)
+    torch.testing.assert_close(target["1"].running_mean, 0.5 * online[1].running_mean)
+    assert target["1"].num_batches_tracked.item() == online[1].num_batches_tracked.item() == 1
+
+
+# --- K1: weighted kNN -----------------------------------------------------------------------------------------------
+
+def test_k1_weighted_knn():
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(1000, 64), dim=1)
+    labels = torch.randint(0, 10, (1000,))
+    queries = torch.nn.functional.normalize(torch.randn(5, 64), dim=1)
+    predictions, scores = common.knn_predict(bank, labels, queries, k=200, temperature=0.1, num_classes=10)
+    assert predictions.tolist() == [2, 3, 7, 4, 5]
+    assert scores[0].max().item() == pytest.approx(174.1258, abs=1e-3)
+    # k is capped by the bank size
+    predictions, _ = common.knn_predict(bank[:7], labels[:7], queries, k=200, num_classes=10)
+    assert predictions.shape == (5,)
+
+
+# --- augmentation ---------------------------------------------------------------------------------------------------
+
+def smooth_images(batch=6, size=48, seed=0):
+    """Low-frequency uint8 images, so sub-pixel resampling differences stay small."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, 6, 6, generator=generator)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8)
+
+
+def unnormalize(views):
+    mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    return views * std + mean
+
+
+def test_per_sample_parameters_differ():
+    images = smooth_images(1).expand(16, -1, -1, -1).contiguous()  # the same image 16 times
+    views, boxes, flips = common.augment(images, common.BYOL_VIEWS[1], 32, torch.Generator().manual_seed(0))
+    assert views.shape == (16, 3, 32, 32) and views.dtype == torch.float32
+    assert boxes.unique(dim=0).shape[0] == 16
+    assert 0 < flips.sum() < 16
+    flat = views.flatten(1)
+    assert (torch.cdist(flat, flat) + torch.eye(16) * 1e9).min() > 1e-3  # every view differs from every other
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_box_and_flip_reproduce_the_view(interpolation):
+    images = smooth_images(8, 48)
+    recipe = dataclasses.replace(common.GEOMETRY_ONLY, interpolation=interpolation, crop_scale=(0.2, 1.0))
+    views, boxes, flips = common.augment(images, recipe, 24, torch.Generator().manual_seed(3))
+    views = unnormalize(views)
+    assert ((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 1) & (boxes[:, 2:] > boxes[:, :2])).all()
+    for b in range(8):
+        x0, y0, x1, y1 = (boxes[b] * 48).tolist()
+        left, top = round(x0), round(y0)
+        width, height = round(x1) - left, round(y1) - top
+        crop = TF.resized_crop(images[b].float() / 255, top, left, height, width, [24, 24], antialias=False)
+        if flips[b]:
+            crop = crop.flip(-1)
+        assert (crop - views[b]).abs().mean() < 0.02, f"sample {b}"
+
+
+def test_crop_boxes_respect_scale_and_ratio():
+    boxes = common.sample_crop_boxes(2000, 40, 60, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
+    width, height = (boxes[:, 2] - boxes[:, 0]) * 60, (boxes[:, 3] - boxes[:, 1]) * 40
+    area = width * height / (40 * 60)
+    whole = (area > 0.999)
+    assert ((area[~whole] >= 0.08 - 1e-4) & (area[~whole] <= 1 + 1e-4)).all()
+    ratio = width[~whole] / height[~whole]
+    assert ((ratio >= 3 / 4 - 1e-4) & (ratio <= 4 / 3 + 1e-4)).all()
+
+
+def test_blur_kernel_size_and_always_blurred_view():
+    assert common.blur_kernel_size(224) == 23
+    assert common.blur_kernel_size(64) == 7
+    images = (torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    sharp = dataclasses.replace(common.GEOMETRY_ONLY, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
+    blurred = dataclasses.replace(sharp, blur_p=1.0)
+    a = unnormalize(common.augment(images, sharp, 224, torch.Generator().manual_seed(0))[0])
+    b = unnormalize(common.augment(images, blurred, 224, torch.Generator().manual_seed(0))[0])
+    # every view-1 image (blur p = 1) is smoother than its unblurred twin (sigma >= 0.1 px barely blurs: <= there)
+    roughness = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+    assert (roughness(b) <= roughness(a) + 1e-6).all()
+    assert (roughness(b) < 0.9 * roughness(a)).sum() >= 6
+
+
+def test_colour_ops_match_torchvision():
+    images = (torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    x = images.float() / 255
+    factors = torch.tensor([0.6, 0.9, 1.2, 1.4])
+    shifts = torch.tensor([-0.1, -0.03, 0.05, 0.1])
+    for ours, theirs, values in [(common.adjust_brightness, TF.adjust_brightness, factors),
+                                 (common.adjust_contrast, TF.adjust_contrast, factors),
+                                 (common.adjust_saturation, TF.adjust_saturation, factors),
+                                 (common.adjust_hue, TF.adjust_hue, shifts)]:
+        out = ours(x.clone(), values)
+        for b in range(4):
+            torch.testing.assert_close(out[b], theirs(x[b], values[b].item()), atol=2e-3, rtol=0)
+
+
+def test_grayscale_and_solarize_semantics():
+    x = torch.rand(2, 3, 4, 4)
+    gray = common._gray(x)
+    torch.testing.assert_close(gray.expand(-1, 3, -1, -1), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6, rtol=0)
+    solar = common.solarize(x)
+    assert torch.equal(solar[x >= 0.5], 1 - x[x >= 0.5]) and torch.equal(solar[x < 0.5], x[x < 0.5])
+    recipe = dataclasses.replace(common.GEOMETRY_ONLY, gray_p=1.0)
+    images = (torch.rand(3, 3, 16, 16) * 255).to(torch.uint8)
+    views = unnormalize(common.augment(images, recipe, 16, torch.Generator().manual_seed(0))[0])
+    torch.testing.assert_close(views[:, 0], views[:, 1], atol=1e-5, rtol=0)
+
+
+def test_augmentation_is_a_function_of_the_generator_seed():
+    images = smooth_images(4)
+    a = common.augment(images, common.BYOL_VIEWS[0], 32, common.step_generator("cpu", 0, 0, 5))
+    b = common.augment(images, common.BYOL_VIEWS[0], 32, common.step_generator("cpu", 0, 0, 5))
+    c = common.augment(images, common.BYOL_VIEWS[0], 32, common.step_generator("cpu", 0, 0, 6))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+# --- backbone, data, config, checkpoints ----------------------------------------------------------------------------
+
+def test_trunk_stages_and_torchvision_names():
+    import torchvision
+
+    trunk = common.ResNetTrunk("resnet18")
+    maps = trunk(torch.randn(2, 3, 64, 64))
+    assert [tuple(m.shape[1:]) for m in maps.values()] == [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    assert common.ResNetTrunk("resnet50").channels == dict(res2=256, res3=512, res4=1024, res5=2048)
+    cifar = common.ResNetTrunk("resnet18", stem="cifar")(torch.randn(1, 3, 32, 32))
+    assert cifar["res5"].shape[-1] == 4
+    missing = torchvision.models.resnet18().load_state_dict(trunk.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+
+
+def test_synthetic_dataset_is_deterministic_and_balanced():
+    images, labels = common.make_synthetic(60, 32, seed=3)
+    again, _ = common.make_synthetic(60, 32, seed=3)
+    assert images.dtype == torch.uint8 and images.shape == (60, 3, 32, 32)
+    assert torch.equal(images, again)
+    assert torch.bincount(labels).tolist() == [6] * 10
+
+
+def test_tensor_loader_shards_and_resumes_mid_epoch():
+    images = torch.arange(40).view(40, 1, 1, 1).expand(40, 3, 2, 2).to(torch.uint8)
+    labels = torch.arange(40)
+    ranks = [common.TensorLoader(images, labels, 4, r, 2, seed=1) for r in range(2)]
+    seen = [torch.cat([y for _, y in loader]) for loader in ranks]
+    assert len(set(seen[0].tolist()) & set(seen[1].tolist())) == 0 and len(seen[0]) == 20
+    ranks[0].set_epoch(0, start_batch=2)
+    assert torch.equal(torch.cat([y for _, y in ranks[0]]), seen[0][8:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    batch_size: int = 8      # global
+    lr: float = 0.1
+    name: str = "a"
+    flag: bool = False
+    stages: tuple = ("res2",)
+
+
+def test_parse_config_precedence(tmp_path):
+    presets = {"big": dict(batch_size=64, lr=1.0)}
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lr: 2\nstages: [res3, res4]\n")
+    cfg = common.parse_config(_Cfg, presets, ["--preset", "big", "--config", str(yaml_file), "--name", "b", "--flag"])
+    assert cfg == _Cfg(batch_size=64, lr=2.0, name="b", flag=True, stages=("res3", "res4"))
+    assert common.parse_config(_Cfg, presets, ["--stages", "res2,res5", "--no-flag"]).stages == ("res2", "res5")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 3.0
+    with pytest.raises(common.InputError, match="unknown preset"):
+        common.parse_config(_Cfg, presets, ["--preset", "huge"])
+    with pytest.raises(common.InputError, match="--batch-size"):
+        common.parse_config(_Cfg, presets, ["--batch-size", "many"])
+
+
+def test_atomic_checkpoint_and_clear_errors(tmp_path):
+    path = tmp_path / "last.pt"
+    common.save_checkpoint(dict(model={"w": torch.ones(2)}, config={"arch": "resnet18"}, method="byol"), path)
+    assert common.load_checkpoint(path, "byol")["model"]["w"].sum() == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+    with pytest.raises(common.InputError, match="written by 'byol', not 'lewel'"):
+        common.load_checkpoint(path, "lewel")
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(common.InputError, match="unreadable"):
+        common.load_checkpoint(path)
+    with pytest.raises(common.InputError, match="does not exist"):
+        common.load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,239 @@
+"""Tests for lewel.py: the notes' cross-checks C1-C5 (methods.md §8) and the invariants of issue 6."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+import lewel
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# C1-C4: heads, maps, loss, EMA schedule
+
+
+def test_c1_aligned_pooling_matches_official_numbers():
+    """C1: seed 0, x = randn(2,16,3,3), projector output Zfix = randn(2,8,10) (slot 0 = pooled), G = 4, scale 1."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 3, 3)
+    projector_output = torch.randn(2, 8, 10)                       # B x d x (1+HW)
+    z_global, heatmaps = projector_output[:, :, 0], projector_output[:, :, 1:]
+    maps = lewel.alignment_maps(heatmaps, scale=1.0)
+    aligned = lewel.aligned_pooling(x.flatten(2), maps, groups=4)  # B x d/G x C; the official layout is B x C x d/G
+    official_layout = aligned.transpose(1, 2)
+    assert z_global.unsqueeze(-1).shape == (2, 8, 1)
+    assert z_global.sum().item() == pytest.approx(2.717245, abs=1e-5)
+    assert official_layout.shape == (2, 16, 2)
+    assert official_layout.sum().item() == pytest.approx(0.680302, abs=1e-5)
+    assert official_layout[0, :, 0].sum().item() == pytest.approx(0.274494, abs=1e-5)
+    assert official_layout[1, 5, 1].item() == pytest.approx(-0.138627, abs=1e-5)
+
+
+def test_c1_coupled_projection_splits_global_slot_and_heatmaps():
+    """With an identity projector the coupled head returns GAP(F) in slot 0 and the raw pixels as heat-maps."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 16, 3, 3)
+    z_global, heatmaps = lewel.coupled_projection(nn.Identity(), features)
+    torch.testing.assert_close(z_global, features.mean(dim=(2, 3)))
+    torch.testing.assert_close(heatmaps, features.flatten(2))
+
+
+def test_c2_loss_with_identity_predictors():
+    """C2: seed 1; zo, oo, zt, ot; one direction (beta = 0.5) = 2.222403, global part alone = 2.415056."""
+    torch.manual_seed(1)
+    zo, oo, zt, ot = torch.randn(4, 8, 1), torch.randn(4, 8, 6), torch.randn(4, 8, 1), torch.randn(4, 8, 6)
+    # official layout B x channels x K -> ours B x K x channels
+    loss = lewel.lewel_b_loss(zo[:, :, 0], zt[:, :, 0], oo.transpose(1, 2), ot.transpose(1, 2), beta=0.5)
+    global_only = lewel.lewel_b_loss(zo[:, :, 0], zt[:, :, 0], oo.transpose(1, 2), ot.transpose(1, 2), beta=0.0)
+    assert loss.item() == pytest.approx(2.222403, abs=1e-5)
+    assert global_only.item() == pytest.approx(2.415056, abs=1e-5)
+
+
+def test_c3_coupled_bn_differs_from_projecting_pooled_vector_alone():
+    """C3: BN statistics over batch x (1+HW) make the coupled global embedding differ from g(GAP(F))."""
+    torch.manual_seed(0)
+    projector = common.mlp(16, 32, 8).train()
+    features = torch.randn(4, 16, 3, 3)
+    z_coupled, heatmaps = lewel.coupled_projection(projector, features)
+    z_alone = projector(features.mean(dim=(2, 3)))
+    assert heatmaps.shape == (4, 8, 9)
+    assert (z_coupled - z_alone).abs().max().item() > 1e-2
+    # and it is exactly one projector call on the (1+HW) rows of every image
+    rows = torch.cat([features.mean(dim=(2, 3)).unsqueeze(2), features.flatten(2)], dim=2)  # B x C x (1+HW)
+    joint = projector(rows.transpose(1, 2).reshape(-1, 16)).view(4, 10, 8)
+    torch.testing.assert_close(z_coupled, joint[:, 0])
+    torch.testing.assert_close(heatmaps, joint[:, 1:].transpose(1, 2))
+    # in eval mode (running statistics) the two agree: the difference is purely the shared batch statistics
+    projector.eval()
+    z_coupled_eval, _ = lewel.coupled_projection(projector, features)
+    torch.testing.assert_close(z_coupled_eval, projector(features.mean(dim=(2, 3))))
+
+
+def test_c4_ema_schedule():
+    """C4: tau_base 0.98 over 1000 iterations: 0.98, 0.99, 1.0."""
+    assert common.cosine_tau(0, 1000, 0.98) == pytest.approx(0.98, abs=1e-12)
+    assert common.cosine_tau(500, 1000, 0.98) == pytest.approx(0.99, abs=1e-12)
+    assert common.cosine_tau(1000, 1000, 0.98) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_alignment_maps_sum_to_one_over_space():
+    torch.manual_seed(0)
+    maps = lewel.alignment_maps(torch.randn(3, 8, 25), scale=0.5)
+    assert (maps >= 0).all()
+    torch.testing.assert_close(maps.sum(dim=2), torch.ones(3, 8))
+
+
+def test_uniform_maps_give_global_average_pooling():
+    """Remark after Eq. 1: W = 1/(HW) everywhere makes every aligned representation the GAP of F."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 16, 12)
+    maps = lewel.alignment_maps(torch.zeros(2, 8, 12), scale=1.0)  # constant logits -> uniform softmax
+    aligned = lewel.aligned_pooling(pixels, maps, groups=4)        # B x 2 x 16
+    for k in range(aligned.shape[1]):
+        torch.testing.assert_close(aligned[:, k], pixels.mean(dim=2))
+
+
+def test_one_hot_maps_select_pixels_per_group():
+    """Each channel group is pooled with its own map: one-hot maps pick one pixel per group (Eq. 2 grouping)."""
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 8, 5)                                   # C = 8, G = 2 -> 4 channels per group
+    maps = torch.zeros(1, 4, 5)                                     # d = 4 -> d/G = 2 embeddings
+    maps[0, 0, 1] = maps[0, 1, 3] = maps[0, 2, 0] = maps[0, 3, 4] = 1  # group 0: maps 0,1; group 1: maps 2,3
+    aligned = lewel.aligned_pooling(pixels, maps, groups=2)
+    torch.testing.assert_close(aligned[0, 0], torch.cat([pixels[0, :4, 1], pixels[0, 4:, 0]]))
+    torch.testing.assert_close(aligned[0, 1], torch.cat([pixels[0, :4, 3], pixels[0, 4:, 4]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# C5: LARS. common.LARS is the optax form; LEWEL ships the OpenSelfSup form. Reference below, written from
+# methods.md §1.3: local = eta ||w|| / (||g|| + wd ||w||); d = (g + wd w) local lr; buf = mu buf + d; w -= buf.
+
+
+def openselfsup_lars_step(groups, lr, states, momentum=0.9, eta=1e-3):
+    with torch.no_grad():
+        for group in groups:
+            for param in group["params"]:
+                grad, wd = param.grad, group["weight_decay"]
+                local = 1.0 if group["lars_exclude"] else eta * param.norm() / (grad.norm() + wd * param.norm())
+                step = (grad + wd * param) * local * lr                  # lr sits inside the buffer
+                if param in states:
+                    states[param].mul_(momentum).add_(step)
+                else:
+                    states[param] = step.clone()
+                param.sub_(states[param])
+
+
+def c5_tensors():
+    torch.manual_seed(2)
+    p, p_grad, q, q_grad = torch.randn(4, 4), torch.randn(4, 4), torch.randn(4), torch.randn(4)
+    return p, p_grad, q, q_grad
+
+
+def test_c5_reference_lars_reproduces_official_numbers():
+    p0, p_grad, q0, q_grad = c5_tensors()
+    p, q = p0.clone(), q0.clone()
+    p.grad, q.grad = p_grad, q_grad
+    openselfsup_lars_step([dict(params=[q], weight_decay=0.0, lars_exclude=True),
+                           dict(params=[p], weight_decay=1.5e-6, lars_exclude=False)], lr=3.6, states={})
+    assert (p - p0).sum().item() == pytest.approx(-0.0171396, abs=1e-7)
+    assert (q - q0).sum().item() == pytest.approx(9.649386, abs=1e-5)
+    assert (q - q0).sum().item() == pytest.approx(-3.6 * q_grad.sum().item(), abs=1e-5)
+
+
+def run_common_lars(lrs):
+    p0, p_grad, q0, q_grad = c5_tensors()
+    p, q = p0.clone().requires_grad_(), q0.clone().requires_grad_()
+    optimizer = common.LARS([dict(params=[q], weight_decay=0.0, lars=False),
+                             dict(params=[p], weight_decay=1.5e-6, lars=True)], lr=lrs[0])
+    for lr in lrs:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        p.grad, q.grad = p_grad.clone(), q_grad.clone()  # same gradient every step: isolates the update rule
+        optimizer.step()
+    return p.detach() - p0, q.detach() - q0
+
+
+def run_reference_lars(lrs):
+    p0, p_grad, q0, q_grad = c5_tensors()
+    p, q, states = p0.clone(), q0.clone(), {}
+    for lr in lrs:
+        p.grad, q.grad = p_grad.clone(), q_grad.clone()
+        openselfsup_lars_step([dict(params=[q], weight_decay=0.0, lars_exclude=True),
+                               dict(params=[p], weight_decay=1.5e-6, lars_exclude=False)], lr=lr, states=states)
+    return p - p0, q - q0
+
+
+def test_c5_common_lars_matches_one_official_step():
+    """One step: optax trust ratio eta||w||/||g + wd w|| vs eta||w||/(||g|| + wd||w||) agree to ~1e-6 relative."""
+    dp, dq = run_common_lars([3.6])
+    assert dp.sum().item() == pytest.approx(-0.0171396, abs=2e-7)
+    assert dq.sum().item() == pytest.approx(9.649386, abs=1e-5)
+    ref_dp, ref_dq = run_reference_lars([3.6])
+    torch.testing.assert_close(dp, ref_dp, rtol=0, atol=1e-7)  # float32 rounding of p - p0 is ~1e-7
+    torch.testing.assert_close(dq, ref_dq)
+
+
+def test_c5_conventions_agree_at_constant_lr_and_differ_when_lr_changes():
+    """optax keeps lr outside the momentum buffer, OpenSelfSup inside: equal at constant lr, not during warmup.
+
+    With the same gradient u at steps of lr 1.8 then 3.6 (warmup doubling), the optax form applies the momentum of
+    step 1 with the *new* lr. Two-step displacement: optax (lr1 + (1 + mu) lr2) u = 8.64 u, OpenSelfSup
+    ((1 + mu) lr1 + lr2) u = 7.02 u, so optax moves +23.1 % further (+31 % on the second step alone).
+    """
+    dp, dq = run_common_lars([3.6, 3.6, 3.6])
+    ref_dp, ref_dq = run_reference_lars([3.6, 3.6, 3.6])
+    torch.testing.assert_close(dp, ref_dp, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(dq, ref_dq, rtol=1e-5, atol=1e-5)
+    dp, dq = run_common_lars([1.8, 3.6])
+    ref_dp, ref_dq = run_reference_lars([1.8, 3.6])
+    expected = (1.8 + 1.9 * 3.6) / (1.9 * 1.8 + 3.6) - 1  # (lr1 + (1 + mu) lr2) / ((1 + mu) lr1 + lr2) - 1
+    assert expected == pytest.approx(0.2308, abs=1e-4)
+    torch.testing.assert_close(dq.sum() / ref_dq.sum() - 1, torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dp.sum() / ref_dp.sum() - 1, torch.tensor(expected), atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LEWEL_M pieces: InfoNCE, in-batch aligned InfoNCE, the queue
+
+
+def test_info_nce_matches_manual_formula():
+    torch.manual_seed(0)
+    query, key, negatives = torch.randn(3, 8), torch.randn(3, 8), F.normalize(torch.randn(5, 8), dim=1)
+    loss = lewel.info_nce(query, key, negatives, tau=0.2)
+    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    manual = []
+    for i in range(3):
+        positive = torch.exp(q[i] @ k[i] / 0.2)
+        manual.append(-torch.log(positive / (positive + torch.exp(q[i] @ negatives.t() / 0.2).sum())))
+    torch.testing.assert_close(loss, torch.stack(manual).mean())
+
+
+def test_aligned_info_nce_uses_same_index_in_batch_negatives():
+    torch.manual_seed(0)
+    batch, count, dim, first = 3, 2, 8, 3                        # this rank holds global rows 3..5 of 6
+    query, keys = torch.randn(batch, count, dim), torch.randn(2 * batch, count, dim)
+    loss = lewel.aligned_info_nce(query, keys, first_index=first, tau=0.2)
+    q, k = F.normalize(query, dim=2), F.normalize(keys, dim=2)
+    manual = []
+    for i in range(batch):
+        for j in range(count):
+            logits = k[:, j] @ q[i, j] / 0.2                      # all 6 images, embedding j only
+            manual.append(-F.log_softmax(logits, dim=0)[first + i])
+    torch.testing.assert_close(loss, torch.stack(manual).mean())
+
+
+def test_queue_is_fifo_with_wraparound():
+    queue = lewel.KeyQueue(size=6, dim=4, seed=0)
+    initial = queue.keys.clone()
+    batches = [F.normalize(torch.randn(4, 4), dim=1) for _ in range(2)]
+    queue.enqueue(batches[0])
+    torch.testing.assert_close(queue.keys[:4], batches[0])
+    torch.testing.assert_close(queue.keys[4:], initial[4:])     # not yet overwritten
+    assert queue.pointer.item() == 4
+    queue.enqueue(batches[1])                                   # rows 4, 5, then wraps to 0, 1
+    torch.testing.assert_close(queue.keys[4:], batches[1][:2])
+    torch.testing.assert_close(queue.keys[:2], batches[1][2:])
+    torch.testing.assert_close(queue.keys[2:4], batches[0][2:])  # the oldest surviving rows
+    assert queue.pointer.item() == 2 and queue.keys.shape == (6, 4)

@@ -1,0 +1,236 @@
+"""MCL: montage assembly, region windows, matching modes and the multi-level InfoNCE (methods.md §7, §8 X1-X5)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mcl
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Montage assembly (X2, X3, counts)
+
+
+def index_images(batch, size):
+    """Images whose pixels all equal their index: batch x 3 x size x size."""
+    return torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, size, size).contiguous()
+
+
+def test_x2_montage_layout_with_known_permutation():
+    images = index_images(4, 8)
+    order = torch.tensor([0, 4, 3, 7, 2, 5, 1, 6])       # modulo 4 -> the notes' labels [0, 0, 3, 3, 2, 1, 1, 2]
+    montages, ids = mcl.assemble_montages(images, ratio=2, num_montages=2, order=order)
+    assert ids.tolist() == [0, 0, 3, 3, 2, 1, 1, 2]
+    assert montages.shape == (2, 3, 8, 8)
+    tile_values = montages[:, 0, ::4, ::4]                 # one pixel of every 4x4 tile: 2 x 2 x 2
+    assert tile_values.tolist() == [[[0, 0], [3, 3]], [[2, 1], [1, 2]]]
+    for b in range(2):
+        for row in range(2):
+            for col in range(2):
+                tile = montages[b, :, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4]
+                assert torch.all(tile == ids[b * 4 + row * 2 + col])
+
+
+def test_montage_random_permutation_structure_and_counts():
+    batch, size = 8, 16
+    images = index_images(batch, size)
+    generator = torch.Generator().manual_seed(0)
+    counts = mcl.montage_counts(batch, (1, 1, 1, 2))
+    assert counts == [8, 2, 1, 1]
+    for level in (1, 2, 3):
+        ratio = 2 ** level
+        montages, ids = mcl.assemble_montages(images, ratio, counts[level], generator=generator)
+        tile = size // ratio
+        slots = counts[level] * ratio * ratio
+        for m in range(counts[level]):
+            for row in range(ratio):
+                for col in range(ratio):
+                    window = montages[m, :, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile]
+                    assert torch.all(window == ids[m * ratio * ratio + row * ratio + col])
+        appearances = torch.bincount(ids, minlength=batch)
+        expected = [math.ceil((slots - i) / batch) for i in range(batch)]
+        assert appearances.tolist() == expected
+        assert min(expected) >= (1, 1, 1, 2)[level]
+
+
+def test_official_montage_counts():
+    counts = mcl.montage_counts(128, (1, 1, 1, 2))
+    assert counts == [128, 32, 8, 4]                     # official batch_sizes
+    assert sum(counts) == 172                            # images per branch per GPU (X4)
+    tiles = [c * 4 ** s for s, c in enumerate(counts)]
+    assert tiles == [128, 128, 128, 256]
+
+
+def test_x3_downsampling_is_nearest():
+    image = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
+    montage, _ = mcl.assemble_montages(image, ratio=2, num_montages=1, order=torch.zeros(4, dtype=torch.long))
+    assert montage[0, 0, :2, :2].flatten().tolist() == [0, 2, 8, 10]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Region windows (X4)
+
+
+def quadrant_map():
+    feature = torch.zeros(1, 2, 14, 14)
+    feature[:, :, :7, 7:] = 1
+    feature[:, :, 7:, :7] = 2
+    feature[:, :, 7:, 7:] = 3
+    return feature
+
+
+def test_x4_window_order():
+    windows = mcl.tile_windows(quadrant_map(), ratio=2)
+    assert windows.shape == (4, 2, 7, 7)
+    assert windows.mean(dim=(1, 2, 3)).tolist() == [0, 1, 2, 3]
+    # region_windows picks exact slicing for lattice-aligned tiles (28 px tiles on a stride-4 map = 7 cells)
+    assert torch.equal(mcl.region_windows(quadrant_map(), ratio=2, tile_pixels=28, stride=4), windows)
+
+
+def test_roi_windows_follow_tile_order():
+    # 14 px tiles on a stride-2 map; RoIAlign mixes neighbours at window borders, the interior must be exact.
+    windows = mcl.tile_windows_roi(quadrant_map(), ratio=2, tile_pixels=14, stride=2, cells=7)
+    assert windows.shape == (4, 2, 7, 7)
+    interior = windows[:, :, 1:6, 1:6]
+    for tile in range(4):
+        assert torch.allclose(interior[tile], torch.full_like(interior[tile], float(tile)))
+
+
+def test_montage_tiles_land_in_their_windows():
+    # End to end on the lattice: a montage of index images used as its own (stride-1) feature map.
+    images = index_images(8, 16)
+    montages, ids = mcl.assemble_montages(images, 4, 2, generator=torch.Generator().manual_seed(3))
+    windows = mcl.region_windows(montages, ratio=4, tile_pixels=4, stride=1)
+    assert torch.equal(windows.mean(dim=(1, 2, 3)), ids.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss (X1, modes)
+
+
+def test_x1_loss_scaling():
+    torch.manual_seed(0)
+    predictions, keys = torch.randn(6, 16), F.normalize(torch.randn(10, 16), dim=1)
+    labels = torch.randint(0, 10, (6,))
+    plain_ce = F.cross_entropy(F.normalize(predictions, dim=1) @ keys.T, labels)
+    level = mcl.info_nce(predictions, keys, labels, temperature=1.0)
+    assert torch.allclose(0.5 * level, plain_ce, atol=1e-6)           # x 2T x w = 1 at T = 1, w = 1/2
+    assert torch.allclose(0.25 * level, plain_ce / 2, atol=1e-6)
+    assert torch.allclose(0.125 * level, plain_ce / 4, atol=1e-6)
+    tau = 0.2
+    scaled = F.cross_entropy(F.normalize(predictions, dim=1) @ keys.T / tau, labels) * 2 * tau
+    assert torch.allclose(mcl.info_nce(predictions, keys, labels, tau), scaled, atol=1e-6)
+
+
+def test_matching_pairs():
+    assert mcl.matching_pairs("a", 4) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert mcl.matching_pairs("b", 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert mcl.matching_pairs("c", 4) == [(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2)]
+    assert len(mcl.matching_pairs("d", 4)) == 16
+    with pytest.raises(ValueError):
+        mcl.matching_pairs("e", 4)
+
+
+def test_per_image_keys():
+    torch.manual_seed(0)
+    embeddings = torch.randn(5, 8)
+    keys = mcl.per_image_keys(embeddings, torch.tensor([0, 1, 2, 1, 0]), 3)
+    unit = F.normalize(embeddings, dim=1)
+    assert torch.allclose(keys[2], unit[2])
+    assert torch.allclose(keys[0], F.normalize(unit[0] + unit[4], dim=0))
+    assert torch.allclose(keys.norm(dim=1), torch.ones(3))
+
+
+def make_tile_ids(batch, num_levels, level_copies, seed):
+    generator = torch.Generator().manual_seed(seed)
+    counts = mcl.montage_counts(batch, level_copies)
+    images = index_images(batch, 16)
+    ids = [torch.arange(batch)]
+    for level in range(1, num_levels):
+        ids.append(mcl.assemble_montages(images, 2 ** level, counts[level], generator=generator)[1])
+    return ids
+
+
+@pytest.mark.parametrize("mode", ["a", "b", "c", "d"])
+def test_modes_pair_every_tile_with_its_own_image(mode):
+    """Oracle embeddings = one-hot of the global image id: if every positive is the right image, each pair's loss is
+    exactly the 'perfect' InfoNCE value 2T * -log(e^(1/T) / (e^(1/T) + M - 1)), so the total is known in closed form."""
+    batch, world, rank, levels, tau = 8, 2, 1, 4, 0.5
+    weights = (0.5, 0.25, 0.125, 0.125)
+    offset = rank * batch
+    num_keys = batch * world
+    tile_ids = [make_tile_ids(batch, levels, (1, 1, 1, 2), seed) for seed in (1, 2)]
+    predictions = [[F.one_hot(ids + offset, num_keys).float() * 3.0 for ids in branch] for branch in tile_ids]
+    keys = []
+    for branch in tile_ids:
+        per_level = []
+        for ids in branch:
+            local = mcl.per_image_keys(F.one_hot(ids + offset, num_keys).float(), ids, batch)   # N x M
+            other_rank = F.one_hot(torch.arange(batch), num_keys).float()                     # rank 0's keys
+            per_level.append(torch.cat([other_rank, local]))                                  # gathered, rank order
+        keys.append(per_level)
+    pairs = mcl.matching_pairs(mode, levels)
+    total, terms = mcl.mcl_loss(predictions, keys, tile_ids, pairs, weights, tau, offset)
+    perfect = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + num_keys - 1)) * 2 * tau
+    assert torch.isfinite(total)
+    assert total.item() == pytest.approx(2 * sum(weights) * perfect, rel=1e-5)
+    assert set(terms) == {f"{s}->{t}" for s, t in pairs}
+    # a wrong pairing (labels shifted by one image) costs more
+    shifted = [[(ids + 1) % batch for ids in branch] for branch in tile_ids]
+    wrong, _ = mcl.mcl_loss(predictions, keys, shifted, pairs, weights, tau, offset)
+    assert wrong.item() > total.item() + 1.0
+
+
+def test_mode_a_is_the_official_formula():
+    """Mode (a): sum over branches and levels of w_s * 2T * CE(cos(pred, other branch's level-0 targets) / T)."""
+    torch.manual_seed(0)
+    batch, levels, tau = 6, 3, 1.0
+    weights = (0.5, 0.25, 0.25)
+    tile_ids = [make_tile_ids(batch, levels, (1, 1, 2), seed) for seed in (4, 5)]
+    predictions = [[torch.randn(len(ids), 8, requires_grad=True) for ids in branch] for branch in tile_ids]
+    targets = [F.normalize(torch.randn(batch, 8), dim=1) for _ in range(2)]
+    keys = [[targets[b]] + [None] * (levels - 1) for b in range(2)]
+    total, _ = mcl.mcl_loss(predictions, keys, tile_ids, mcl.matching_pairs("a", levels), weights, tau, 0)
+    expected = 0.0
+    for b in range(2):
+        for s in range(levels):
+            logits = F.normalize(predictions[b][s], dim=1) @ targets[1 - b].T / tau
+            log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            nll = -log_prob[torch.arange(len(tile_ids[b][s])), tile_ids[b][s]].mean()
+            expected = expected + weights[s] * 2 * tau * nll
+    assert torch.allclose(total, expected, atol=1e-6)
+    total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for branch in predictions for p in branch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Modules and export
+
+
+def test_fpn_and_head_shapes():
+    torch.manual_seed(0)
+    maps = {"res2": torch.randn(2, 8, 16, 16), "res3": torch.randn(2, 16, 8, 8),
+            "res4": torch.randn(2, 32, 4, 4), "res5": torch.randn(2, 64, 2, 2)}
+    fpn = mcl.FPN({"res2": 8, "res3": 16, "res4": 32, "res5": 64}, dim=24)
+    pyramid = fpn(maps)
+    assert {k: tuple(v.shape) for k, v in pyramid.items()} == {
+        "p2": (2, 24, 16, 16), "p3": (2, 24, 8, 8), "p4": (2, 24, 4, 4), "p5": (2, 24, 2, 2)}
+    head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
+    windows = mcl.region_windows(pyramid["p3"], ratio=4, tile_pixels=8, stride=4)   # 4x4 tiles of 2x2 cells
+    assert windows.shape == (32, 24, 2, 2)
+    assert head(windows).shape == (32, 12)
+
+
+def test_detector_state_dict_selects_backbone_fpn_head():
+    fpn = mcl.FPN({"res2": 8, "res3": 16, "res4": 32, "res5": 64}, dim=24)
+    head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
+    model = torch.nn.ModuleDict({"fpn": fpn, "head": head, "predictors": torch.nn.ModuleList([torch.nn.Linear(2, 2)])})
+    state = {"online." + k: v for k, v in model.state_dict().items()}
+    flat = mcl.detector_state_dict(state, prefix="online.")
+    assert not any(k.startswith("predictors.") for k in flat)
+    assert "fpn.lateral.p2.conv.weight" in flat and "head.convs.3.norm.running_var" in flat
+    fresh_fpn = mcl.FPN({"res2": 8, "res3": 16, "res4": 32, "res5": 64}, dim=24)
+    fresh_fpn.load_state_dict({k[4:]: v for k, v in flat.items() if k.startswith("fpn.")}, strict=True)
+    fresh_head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
+    fresh_head.load_state_dict({k[5:]: v for k, v in flat.items() if k.startswith("head.")}, strict=True)
