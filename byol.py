@@ -43,6 +43,7 @@ class Config:
     image_size: int = 32             # px of each augmented view; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
+    crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08 (too small a piece of a 32-px image)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
@@ -67,15 +68,16 @@ class Config:
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
+    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
 PRESETS = {
     # BYOL paper recipe (Sec. 3.3, Appendix C; methods.md §1.4): LARS, 4096 global batch, 10-epoch warmup, cosine.
-    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=300, base_lr=0.3,
+    "imagenet": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=300, base_lr=0.3,
                      weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10),
-    "imagenet-100ep": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=100,
+    "imagenet-100ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=100,
                            base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10),
-    "imagenet-1000ep": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=1000,
+    "imagenet-1000ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=1000,
                             base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
@@ -138,6 +140,7 @@ def train(cfg, dist):
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0)) for recipe in common.BYOL_VIEWS]
 
     model = BYOL(cfg).to(dist.device, memory_format=memory_format)
     target = common.make_target({"backbone": model.backbone, "projector": model.projector})
@@ -188,11 +191,11 @@ def train(cfg, dist):
     if step == 0 and cfg.knn_every > 0:
         knn(0)  # the random-init baseline every report compares against
     accuracy = None
-    timer = common.Timer(dist.device)
+    timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
         for images, _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -202,7 +205,7 @@ def train(cfg, dist):
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
-                     for recipe in common.BYOL_VIEWS]
+                     for recipe in recipes]
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 predictions = online_forward(views)
@@ -218,27 +221,26 @@ def train(cfg, dist):
             timer.add(images.shape[0] * dist.world_size)
 
             at_epoch_end = step % steps_per_epoch == 0
-            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
-                loss_value = common.all_reduce_mean(loss.detach()).item()
-                if not math.isfinite(loss_value):
-                    raise common.TrainingError(f"non-finite loss at step {step}: byol loss = {loss_value}; "
-                                               f"last good checkpoint kept in {cfg.out}/last.pt")
-                images_per_s = timer.rate()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, loss=loss_value, lr=lr, tau=tau, images_per_s=images_per_s)
-            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
-                save(epoch, "steps")
-            if stop.received or step == cfg.stop_after:
-                save(epoch, "stop")
+            stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
+            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
+                values = common.check_finite(step, dict(loss=loss), f"{cfg.out}/last.pt")
+                images_per_s, data_wait = timer.rate()
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s, data_wait=data_wait)
+            if checkpoint_now and not at_epoch_end:
+                save(epoch, "step")
+            if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
-                return None
+                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
+                return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
         save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
         if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             accuracy = knn(epoch + 1)
     print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
-    return accuracy
+    return dict(model=model, target=target, step=step, knn=accuracy)
 
 
 def main(argv=None):
@@ -246,6 +248,8 @@ def main(argv=None):
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
         common.check_common_config(cfg, dist.world_size)
+        if cfg.benchmark:
+            return common.run_benchmark(train, cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

@@ -78,7 +78,7 @@ def _field_kind(field):
 
 
 def _type_from_annotation(name):
-    """Dataclass annotations may be strings (from __future__ annotations); map the few we use, never eval()."""
+    """Dataclass annotations may be strings (from __future__ annotations): map the few names we use to types."""
     base = str(name).split("[")[0].strip()
     return {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple, "list": list}.get(base, str)
 
@@ -687,7 +687,10 @@ class FolderLoader:
         self.epoch, self.start_batch = 0, 0
 
     set_epoch = TensorLoader.set_epoch
-    __len__ = TensorLoader.__len__
+
+    def __len__(self):
+        n = len(self.dataset) // self.world if self.drop_last else math.ceil(len(self.dataset) / self.world)
+        return n // self.batch if self.drop_last else math.ceil(n / self.batch)
 
     def _indices(self):
         n = len(self.dataset)
@@ -702,8 +705,11 @@ class FolderLoader:
             torch.utils.data.Subset(self.dataset, indices), batch_size=self.batch, shuffle=False,
             num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
             persistent_workers=False)
-        for images, labels in loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        except InputError as error:  # from a worker: DataLoader re-raises it with the worker's traceback text
+            raise InputError(str(error).strip().splitlines()[-1].removeprefix("common.InputError: ")) from None
 
 
 def _folder_split(root, split):
@@ -887,8 +893,15 @@ def make_target(online_modules):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(state, path):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half-written `path`."""
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half-written `path`.
+
+    A training state whose weights are no longer finite is refused (TrainingError), so last.pt stays the last good one.
+    """
     path = Path(path)
+    weights = [value for value in state.get("model", {}).values() if torch.is_tensor(value) and value.is_floating_point()]
+    if weights and not torch.stack([value.float().abs().max() for value in weights if value.numel()]).isfinite().all():
+        raise TrainingError(f"non-finite weights at step {state.get('step')} (the loss diverged); "
+                            f"last good checkpoint kept: {path}")
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -952,7 +965,7 @@ def prepare_output_dir(path):
 
 
 class StopSignal:
-    """Remember SIGTERM/SIGINT so the loop can save a checkpoint at the next step boundary and exit."""
+    """Remember SIGTERM/SIGINT so the loop can save a checkpoint at a step boundary and exit 128 + signal number."""
 
     def __init__(self):
         self.received = None
@@ -961,6 +974,34 @@ class StopSignal:
 
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
+
+    def agreed(self):
+        """True on every rank when any rank got a signal (ranks must stop at the same step or DDP hangs)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=_DIST.device)
+        if torch_dist.is_initialized():
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.received is None:
+            self.received = "SIGTERM"
+        return flag.item() > 0
+
+    def exit_if_received(self):
+        if self.received:
+            cleanup_distributed()
+            sys.exit(128 + int(getattr(signal, self.received)))
+
+
+def check_finite(step, terms, checkpoint):
+    """Average the loss terms over ranks, read them on the host, stop training if any is NaN or infinite.
+
+    Returns {name: float}. Called every log_every steps and before every checkpoint, so a checkpoint never holds
+    weights produced by a non-finite loss.
+    """
+    names = list(terms)
+    values = all_reduce_mean(torch.stack([terms[name].detach().float() for name in names])).tolist()
+    bad = [f"{name} = {value}" for name, value in zip(names, values) if not math.isfinite(value)]
+    if bad:
+        raise TrainingError(f"non-finite loss at step {step}: {', '.join(bad)}; last good checkpoint kept: {checkpoint}")
+    return dict(zip(names, values))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1074,57 +1115,163 @@ def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=N
 
 
 class Timer:
-    """images/s over a window, synchronising CUDA only when read."""
+    """images/s and the fraction of time spent waiting for data, over a window; syncs CUDA only when read."""
 
     def __init__(self, device):
-        self.device, self.start, self.images = device, time.perf_counter(), 0
+        self.device, self.start, self.images, self.data_seconds = device, time.perf_counter(), 0, 0.0
 
     def add(self, images):
         self.images += images
 
     def rate(self):
+        """Returns (images per second, data-wait fraction) since the last call."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        rate = self.images / max(now - self.start, 1e-9)
-        self.start, self.images = now, 0
-        return rate
+        elapsed = max(now - self.start, 1e-9)
+        result = (self.images / elapsed, self.data_seconds / elapsed)
+        self.start, self.images, self.data_seconds = now, 0, 0.0
+        return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ---- Dense matching (DenseBYOL, Ladder-DenseBYOL) ----
-# DenseCL-style correspondence between the feature maps of two views (Wang et al. 2021, Sec. 3.2; Ladder Siamese
-# Network Eq. 7 "align"): every position of view a regresses onto the position of view b that looks most like it.
+# Benchmark: `python <method>.py --benchmark` (loader, augmentation, device step, end to end; numbers are printed,
+# never asserted)
 # ---------------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def dense_match(query, key, max_elements=2 ** 26):
-    """For every query position, the index of the key position with the highest cosine similarity.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for the model-FLOP utilisation estimate
 
-    query: B x C x H x W (view a), key: B x C x H' x W' (view b)  ->  idx: B x HW, values in [0, H'W').
-    argmax has no gradient, so this runs under no_grad: it only decides which target vector each position regresses
-    onto. The B x HW x H'W' similarity is built a few images at a time (at most `max_elements` entries, 256 MB in
-    float32): at res2 of a 224 px view (56 x 56) one image alone needs 3136^2 = 9.8 M entries.
+
+def timed(loader, timer):
+    """Wrap a loader so that the time spent waiting for the next batch is counted as data wait."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        timer.data_seconds += time.perf_counter() - start
+        yield batch
+
+
+def _median_rate(fn, images_per_call, warmup, windows, calls_per_window, device):
+    for _ in range(warmup):
+        fn()
+    rates = []
+    for _ in range(windows):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls_per_window):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(images_per_call * calls_per_window / (time.perf_counter() - start))
+    return sorted(rates)[len(rates) // 2]
+
+
+def torchvision_pipeline(recipe, size):
+    """The per-sample torchvision pipeline equivalent to `recipe` (what DataLoader workers would run per image)."""
+    import torchvision.transforms.v2 as T
+
+    mode = T.InterpolationMode.BICUBIC if recipe.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    b, c, s, h = recipe.jitter
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, interpolation=mode, antialias=True),
+        T.RandomHorizontalFlip(recipe.flip_p),
+        T.RandomApply([T.ColorJitter(b, c, s, h)], p=recipe.jitter_p),
+        T.RandomGrayscale(recipe.gray_p),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=recipe.blur_sigma)], p=recipe.blur_p),
+        T.RandomSolarize(128, p=recipe.solarize_p),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5):
+    """Time one method: loader alone, augmentation alone (ours vs torchvision per sample), device step, end to end.
+
+    train_fn(cfg, dist) is the method's own train(); it runs on a derived config (device-resident synthetic data for
+    the device step, the configured data for end to end) for warmup + steps steps with no kNN. Prints one table.
     """
-    query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
-    key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
-    per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
-    return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk], key[start:start + per_chunk])
-                      .argmax(dim=2) for start in range(0, query.shape[0], per_chunk)])  # B x HW
+    from torch.utils.flop_counter import FlopCounterMode
 
+    device = dist.device
+    per_rank = cfg.batch_size // dist.world_size
+    out = Path(cfg.out) / "benchmark"
+    results = {}
+    # (1) loader alone
+    folder = cfg.data not in ("synthetic", "cifar10")
+    load_size = cfg.load_size or (cfg.image_size * 256 // 224 if folder else cfg.image_size)
+    loader = make_loader(cfg.data, "train", cfg.image_size, per_rank, dist, cfg.seed, getattr(cfg, "workers", 8),
+                         synthetic_size=getattr(cfg, "synthetic_size", 2560), load_size=load_size)
+    start, count = time.perf_counter(), 0
+    for index, (images, _) in enumerate(loader):
+        if index == warmup:
+            start, count = time.perf_counter(), 0
+        count += images.shape[0]
+        if index >= warmup + steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    results["loader alone"] = count / max(time.perf_counter() - start, 1e-9)
+    # (2) augmentation alone: two BYOL views per image, batched on the device vs torchvision per sample
+    images = next(iter(loader))[0]
+    generator = torch.Generator(device=device).manual_seed(0)
+    two_views = lambda: [augment(images, recipe, cfg.image_size, generator) for recipe in BYOL_VIEWS]
+    results["augmentation, batched (ours)"] = _median_rate(two_views, images.shape[0], 2, 5, 2, device)
+    pipelines = [torchvision_pipeline(recipe, cfg.image_size) for recipe in BYOL_VIEWS]
+    cpu_images = images[:min(64, images.shape[0])].cpu()
+    per_sample = lambda: [pipe(image) for image in cpu_images for pipe in pipelines]
+    results["augmentation, torchvision per sample (1 process)"] = _median_rate(per_sample, cpu_images.shape[0], 1, 3,
+                                                                               1, torch.device("cpu"))
+    # (3) device step on device-resident synthetic data (augmentation included), (4) end to end on cfg.data:
+    # the method's own loop, logging every `window` steps; the first window (warm-up, compile) is dropped.
+    window = 5
+    base = dict(knn_every=0, log_every=window, ckpt_every_steps=0, keep_every=0, resume=False,
+                stop_after=window * (1 + max(steps // window, 1)))
+    runs = [("device step (synthetic data on device)",
+             dict(data="synthetic", synthetic_size=max(per_rank * dist.world_size * (base["stop_after"] + 1), 256)))]
+    if cfg.data != "synthetic":
+        runs.append((f"end to end ({cfg.data})", {}))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for label, change in runs:
+        run_cfg = dataclasses.replace(cfg, out=str(out), **base, **change)
+        metrics = out / "metrics.jsonl"
+        if is_main() and metrics.exists():
+            metrics.unlink()
+        barrier()
+        train_fn(run_cfg, dist)
+        if is_main():
+            records = [json.loads(line) for line in open(metrics) if "images_per_s" in line][1:]
+            rates = sorted(record["images_per_s"] for record in records)
+            results[label] = rates[len(rates) // 2]
+            results[f"  data-wait fraction, {label.split(' (')[0]}"] = sorted(r["data_wait"] for r in records)[len(records) // 2]
+    if device.type == "cuda":
+        results["peak memory (GiB)"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        import resource
 
-def gather_positions(features, idx):
-    """Pick positions of a map: features B x C x H x W, idx B x N (flat indices into H x W)  ->  B x C x N."""
-    flat = features.flatten(2)  # B x C x HW
-    return flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
-
-
-def dense_regression_loss(prediction, target, query, key):
-    """One direction of the DenseBYOL loss (Ladder Siamese Network Eq. 7). Range [0, 4].
-
-    mean over batch and positions (i, j) of 2 - 2 cos(prediction_ij, sg(target at the position matched to ij)).
-    prediction: B x D x H x W (online prediction of view a); target: B x D x H' x W' (target projection of view b);
-    query: B x C x H x W and key: B x C x H' x W', the maps of views a and b the matching is computed on.
-    """
-    aligned = gather_positions(target, dense_match(query, key))  # B x D x HW
-    return regression_loss(prediction.flatten(2), aligned)
+        results["peak memory (GiB, process RSS)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    # model FLOPs per image from one counted step
+    flop_cfg = dataclasses.replace(cfg, out=str(out), stop_after=1, data="synthetic", **base,
+                                   synthetic_size=max(per_rank * dist.world_size, 256))
+    with FlopCounterMode(display=False) as counter:
+        train_fn(flop_cfg, dist)
+    flops_per_image = counter.get_total_flops() / per_rank
+    results["GFLOP per image (counted, one step)"] = flops_per_image / 1e9
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+    step_rate = results.get("device step (synthetic data on device)", 0.0) / dist.world_size
+    if peak:
+        results["model-FLOP utilisation (device step)"] = flops_per_image * step_rate / (peak * 1e12)
+    print0(f"\nbenchmark: {name} x{dist.world_size}, {cfg.arch}/{cfg.stem}, {cfg.image_size} px, global batch "
+           f"{cfg.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for key, value in results.items():
+        unit = "" if ("GiB" in key or "GFLOP" in key or "utilisation" in key or "fraction" in key) else " images/s"
+        print0(f"  {key:<52} {value:12.2f}{unit}")
+    ratio = results["augmentation, batched (ours)"] / results["augmentation, torchvision per sample (1 process)"]
+    print0(f"  {'augmentation speed-up (batched / per sample)':<52} {ratio:12.2f}x")
+    return results

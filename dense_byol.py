@@ -266,14 +266,14 @@ def train(cfg, dist):
             if stop.received or step == cfg.stop_after:
                 save(epoch, "stop")
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
-                return None
+                return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
         save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
         if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             accuracy = knn(epoch + 1)
     print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
-    return accuracy
+    return dict(model=model, target=target, step=step, knn=accuracy)
 
 
 def main(argv=None):

@@ -1,59 +1,197 @@
-"""LEWEL (phase 1: heads and losses only; the full file follows byol.py's skeleton)."""
+"""LEWEL: Learning Where to Learn in Cross-View Self-Supervised Learning (Huang et al., CVPR 2022, arXiv:2203.14898).
+
+The projection head g of BYOL/MoCo is reread as a per-pixel classifier: applied to every pixel of the backbone map F
+(as well as to its global average), its d outputs per pixel are d heat-maps. Normalised over space they become
+alignment maps that pool F into "aligned" representations, one per group of maps (Eq. 1-2). A separate projector p
+embeds them, and the aligned embeddings of two views are matched index by index (embedding k <-> embedding k) next
+to the usual global loss. Because g makes both the global embedding and the maps (the "coupled head"), learning
+where to pool and learning the global embedding help each other (Table 5).
+
+    F = f(v),  [z, W~] = g([GAP(F), F_1 .. F_HW])           one call: BN statistics over B x (1 + HW)   (Sec. 3.2)
+    W_k = softmax_space( W~_k / ||W~_.||_2 / scale )         k = 1..d, each map sums to 1 over HW positions
+    y_k = [W_(g,k) (x) F^(g)]_(g=1..h),  z_k = p(y_k)         h channel groups, d/h aligned embeddings     (Eq. 1-2)
+    L   = (1 - beta) L_g + beta L_a,   L_a = h/d sum_k l(z'_k, z''_k)                                      (Eq. 3)
+    LEWEL_B (default): l = 2 - 2 cos(q(z'), sg z'')  (predictor q global, s aligned), EMA target          (Eq. 5)
+    LEWEL_M (--variant moco): l = InfoNCE, tau 0.2; queue negatives for L_g, in-batch negatives for L_a    (Eq. 4)
+    both directions (v1 -> v2 and v2 -> v1) are summed.
+
+The method's defaults follow the released LEWEL_B code (methods.md §6): h = 4 groups, scale 1, beta 0.5, EMAN target
+(eval mode, EMA of parameters and BN buffers). LEWEL_M is not released; it is built from the paper (Sec. 3.3) on MoCo
+v2. The CPU defaults shrink the heads (hidden 1024) and use 40-px views so that res5 has 2x2 positions to align.
+
+Commands:
+    python lewel.py                                   # LEWEL_B, built-in synthetic data, CPU-sized defaults
+    python lewel.py --preset moco                     # LEWEL_M (= --variant moco + MoCo v2's SGD/lr/wd/heads/queue)
+    torchrun --standalone --nproc_per_node=2 lewel.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node=8 lewel.py --data /path/to/imagenet --preset imagenet           # LEWEL_B, EMAN, 200 ep
+    torchrun --nproc_per_node=8 lewel.py --data /path/to/imagenet --preset imagenet-400ep     # LEWEL_B, SyncBN
+    torchrun --nproc_per_node=8 lewel.py --data /path/to/imagenet --preset imagenet-moco      # LEWEL_M, 200 ep
+    python eval_linear.py --ckpt runs/lewel/last.pt   # kNN + linear probe of the frozen backbone
+"""
+
+import dataclasses
+import math
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from common import InputError, augment, cosine_tau, ema_update, lr_at, mlp, print0, regression_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model: coupled projection head, alignment maps, aligned pooling
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """LEWEL pretraining. Defaults: LEWEL_B sized for a 2-core CPU; --preset moco is LEWEL_M; imagenet presets = paper.
+
+    --variant picks the losses only; the recipe (optimiser settings, heads, momentum) comes from the fields, so
+    LEWEL_M runs use a moco preset, which sets variant=moco together with MoCo v2's numbers.
+    """
+    # data
+    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    image_size: int = 40             # px of each view; paper: 224. NOTE: not 32: res5 is 1x1 up to 32 px (no maps), 2x2 at 40
+    load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
+    workers: int = 8                 # DataLoader workers per process (folder data only)
+    crop_min_scale: float = 0.25     # smallest random-resized-crop area; LEWEL code and MoCo v2: 0.2 (BYOL: 0.08)
+    # model
+    arch: str = "resnet18"           # resnet18 | resnet50 (paper)
+    stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
+    hidden_dim: int = 1024           # width of g, p, q, s; paper: 4096 (B), 2048 (M). NOTE: CPU-sized, p and s see 64 rows/image
+    proj_dim: int = 256              # d = outputs of g = number of alignment maps = c; paper: 256 (B), 128 (M)
+    sync_bn: bool = False            # SyncBatchNorm across processes (CUDA only); official: off (EMAN runs), on (400-ep run)
+    # method
+    variant: str = "byol"            # byol = LEWEL_B (Eq. 5, EMA target) | moco = LEWEL_M (Eq. 4, queue, key encoder)
+    groups: int = 4                  # h channel groups -> d/h aligned embeddings; scripts: 4 (CLI default 8); Table 7
+    scale: float = 1.0               # temperature of the alignment softmax over space; released scripts: 1.0
+    beta: float = 0.5                # weight of the aligned loss L_a in Eq. 3; paper: 0.5 (Fig. 3a)
+    eman: bool = True                # LEWEL_B target in eval mode, EMA of params + BN buffers (EMAN); paper: on (100/200 ep)
+    temperature: float = 0.2         # LEWEL_M InfoNCE tau; paper: 0.2
+    queue_size: int = 4096           # LEWEL_M negatives for L_g (FIFO of global keys); MoCo: 65536
+    # optimisation
+    epochs: int = 12                 # paper: 100/200/400
+    batch_size: int = 128            # GLOBAL batch over all processes; paper: 512 (B), 256 (M)
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.9 (B: 1.8 at 512), 0.06 (M: at 256)
+    weight_decay: float = 1.5e-6     # LARS (B, not on biases/BN) or SGD (M, every parameter); paper: 1e-6 (B), 1e-4 (M)
+    warmup_epochs: float = 1.0       # linear lr warmup; released scripts (B): 10; MoCo v2 (M): none
+    tau_base: float = 0.99           # B: target momentum, cosine to 1 (paper 0.98); M: fixed key momentum (paper 0.999)
+    # run
+    seed: int = 0
+    out: str = "runs/lewel"          # checkpoints, metrics.jsonl
+    resume: bool = False             # continue from <out>/last.pt
+    knn_every: int = 4               # epochs between kNN monitors (0 = only at the end)
+    log_every: int = 10              # steps between logged metrics (and host syncs)
+    ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
+    keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
+    device: str = ""                 # "" = cuda if available else cpu
+    compile: bool = False            # torch.compile the online and target networks
 
 
-def coupled_projection(projector: nn.Module, features: torch.Tensor):
+# LEWEL_M recipe (Sec. 3.3): MoCo v2 with SGD (momentum 0.9) lr 0.06 at batch 256, wd 1e-4, 2048/128 heads, fixed
+# key momentum 0.999, no warmup.
+MOCO = dict(variant="moco", hidden_dim=2048, proj_dim=128, base_lr=0.06, weight_decay=1e-4, warmup_epochs=0.0,
+            tau_base=0.999)
+
+PRESETS = {
+    # NOTE: Sec. 3.3 says "SGD ... batch size 512, initial learning rate 1.8" for LEWEL_B, but the released scripts
+    # train with LARS at 3.6 (batch 1024) / 7.2 (batch 4096). 1.8 at 512 is the same lr per image as 3.6 at 1024,
+    # i.e. a LARS rate (LARS rescales every layer's step to 1e-3 x ||w||, so its lr is not an SGD lr; SimSiam's SGD
+    # uses 0.05 per 256 images). We follow the released scripts (LARS, base_lr 0.9 = 3.6 x 256 / 1024) and default
+    # to their EMAN recipe; `--batch-size 512 --weight-decay 1e-6` gives the paper's numbers (lr 1.8) with LARS.
+    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, crop_min_scale=0.2, hidden_dim=4096,
+                     batch_size=1024, epochs=200, base_lr=0.9, weight_decay=1.5e-6, warmup_epochs=10.0,
+                     tau_base=0.98, eman=True, knn_every=10, workers=10),
+    # scripts/srun_lewelb.sh: SyncBN, plain EMA target in train mode, batch 4096, lr 7.2, wd 1e-6, tau 0.996, 400 ep.
+    "imagenet-400ep": dict(arch="resnet50", stem="imagenet", image_size=224, crop_min_scale=0.2, hidden_dim=4096,
+                           batch_size=4096, epochs=400, base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0,
+                           tau_base=0.996, eman=False, sync_bn=True, knn_every=10, workers=10),
+    # Sec. 3.3 (LEWEL_M is not released): batch 256, 200 epochs, MoCo's 65536-key queue.
+    "imagenet-moco": dict(MOCO, arch="resnet50", stem="imagenet", image_size=224, crop_min_scale=0.2, batch_size=256,
+                          epochs=200, queue_size=65536, knn_every=10, workers=10),
+    # CPU-sized LEWEL_M on the built-in data. NOTE: key momentum 0.99 instead of 0.999: the CPU run has 240 steps and
+    # 0.999^240 = 0.79, so a 0.999 key encoder would still be 79 % its random initialisation at the end.
+    "moco": dict(MOCO, tau_base=0.99),
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px: res5 is 4x4); not a paper recipe.
+    "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
+                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10),
+}
+
+# NOTE: LEWEL's augmentations are BYOL's asymmetric pair with bilinear resizing and crop scale 0.2-1 (official
+# data/transforms.py; --crop-min-scale); LEWEL_M uses MoCo v2's symmetric views (Sec. 3.3: no solarisation).
+LEWEL_VIEWS = tuple(dataclasses.replace(recipe, interpolation="bilinear") for recipe in common.BYOL_VIEWS)
+MOCO_VIEWS = (common.MOCO_V2_VIEW, common.MOCO_V2_VIEW)
+
+
+def check_config(cfg, world_size):
+    common.check_common_config(cfg, world_size)
+    common.check(cfg.variant in ("byol", "moco"), f"--variant must be byol or moco, got {cfg.variant!r}")
+    channels = 2048 if cfg.arch == "resnet50" else 512
+    common.check(cfg.groups > 0 and cfg.proj_dim % cfg.groups == 0 and channels % cfg.groups == 0,
+                 f"--groups {cfg.groups} must divide --proj-dim {cfg.proj_dim} and the {channels} backbone channels")
+    common.check(cfg.scale > 0, f"--scale must be positive, got {cfg.scale}")
+    common.check(0 <= cfg.beta <= 1, f"--beta must lie in [0, 1], got {cfg.beta}")
+    common.check(0 <= cfg.tau_base <= 1, f"--tau-base must lie in [0, 1], got {cfg.tau_base}")
+    if cfg.variant == "moco":
+        common.check(cfg.queue_size >= 2 * cfg.batch_size,
+                     f"--queue-size {cfg.queue_size} must hold at least one step of keys (2 x --batch-size "
+                     f"{cfg.batch_size})")
+        common.check(not cfg.sync_bn, "--sync-bn contradicts LEWEL_M's shuffle-BN key encoder; use --no-sync-bn")
+        common.check(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def coupled_projection(projector, features):
     """Sec. 3.2: one projector g applied to [GAP(F), F_1, ..., F_HW] in ONE call.
 
     The global slot and every pixel go through the same BatchNorm, so its statistics are taken over
-    batch x (1 + HW) positions (official `ObjectNeck`); projecting GAP(F) alone would give a different
-    global embedding (cross-check C3).
-    Returns the global embedding z (B x d) and the per-pixel heat-maps W~ (B x d x HW).
+    batch x (1 + HW) positions (official `ObjectNeck`); projecting GAP(F) alone gives a different global
+    embedding (cross-check C3). Returns the global embedding z (B x d) and the heat-maps W~ (B x d x HW).
     """
     batch, channels, height, width = features.shape
     pixels = features.flatten(2)                                     # B x C x HW
     pooled = pixels.mean(dim=2, keepdim=True)                        # B x C x 1
     sequence = torch.cat([pooled, pixels], dim=2)                    # B x C x (1+HW)
-    rows = sequence.transpose(1, 2).reshape(-1, channels)            # B(1+HW) x C, BN sees all rows at once
+    rows = sequence.transpose(1, 2).reshape(-1, channels)            # B(1+HW) x C: one BN batch
     projected = projector(rows).view(batch, 1 + height * width, -1)  # B x (1+HW) x d
     return projected[:, 0], projected[:, 1:].transpose(1, 2)         # B x d, B x d x HW
 
 
-def alignment_maps(heatmaps: torch.Tensor, scale: float) -> torch.Tensor:
+def alignment_maps(heatmaps, scale):
     """Sec. 3.2: l2-normalise each pixel's d-vector over channels, divide by `scale`, softmax over space.
 
-    heatmaps B x d x HW -> maps B x d x HW, each of the d maps sums to 1 over the HW positions.
+    heatmaps B x d x HW -> maps B x d x HW; each of the d maps sums to 1 over the HW positions.
     """
-    return F.softmax(F.normalize(heatmaps, dim=1) / scale, dim=2)
+    return F.softmax(F.normalize(heatmaps.float(), dim=1) / scale, dim=2)
 
 
-def aligned_pooling(pixels: torch.Tensor, maps: torch.Tensor, groups: int) -> torch.Tensor:
-    """Eq. 1-2 with channel grouping: pool each channel group of F with its own map.
+def aligned_pooling(pixels, maps, groups):
+    """Eq. 1-2 with channel grouping: pool each channel group of F with its own alignment map.
 
-    pixels B x C x HW, maps B x d x HW -> aligned representations B x (d/G) x C.
-    Aligned representation k is the concatenation over groups g of (map g*(d/G)+k) (x) (channels of group g).
-    NOTE: the paper's Eq. 2 pairs group g of embedding k with map (k-1)*h+g (maps interleaved); the official
-    code (`ObjectNeck.forward`) uses contiguous blocks of d/G maps per group, as here. The two differ only by a
-    fixed permutation of the projector's output channels, so they are the same model; we follow the code so that
-    cross-check C1 matches.
+    pixels B x C x HW, maps B x d x HW -> aligned representations B x (d/h) x C.
+    Aligned representation k concatenates, over groups g, (map g * d/h + k) (x) (channels of group g).
+    NOTE: Eq. 2 pairs group g of embedding k with map (k-1)h + g (maps interleaved); the official code
+    (`ObjectNeck.forward`) gives each group a contiguous block of d/h maps, as here. The two differ by a fixed
+    permutation of g's output channels, i.e. they are the same model; we follow the code so cross-check C1 holds.
     """
     batch, channels, positions = pixels.shape
     num_maps = maps.shape[1]
-    assert channels % groups == 0 and num_maps % groups == 0, (channels, num_maps, groups)
-    grouped_pixels = pixels.view(batch, groups, channels // groups, positions)   # B x G x C/G x HW
-    grouped_maps = maps.view(batch, groups, num_maps // groups, positions)       # B x G x d/G x HW
-    pooled = torch.einsum("bgcn,bgkn->bkgc", grouped_pixels, grouped_maps)      # B x d/G x G x C/G
-    return pooled.reshape(batch, num_maps // groups, channels)                  # B x d/G x C
+    grouped_pixels = pixels.view(batch, groups, channels // groups, positions)    # B x h x C/h x HW
+    grouped_maps = maps.to(pixels.dtype).view(batch, groups, num_maps // groups, positions)  # B x h x d/h x HW
+    pooled = torch.einsum("bgcn,bgkn->bkgc", grouped_pixels, grouped_maps)       # B x d/h x h x C/h
+    return pooled.reshape(batch, num_maps // groups, channels)                   # B x d/h x C
 
 
-def project_per_embedding(head: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
-    """Apply an MLP to every aligned embedding; BatchNorm statistics over batch x (d/G) (official Conv1d+BN1d).
+def per_embedding(head, embeddings):
+    """Apply an MLP to every aligned embedding; BN statistics over batch x d/h (official Conv1d + BN1d).
 
     embeddings B x K x C_in -> B x K x C_out.
     """
@@ -61,68 +199,310 @@ def project_per_embedding(head: nn.Module, embeddings: torch.Tensor) -> torch.Te
     return head(embeddings.reshape(batch * count, channels)).view(batch, count, -1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Loss
+class LEWEL(nn.Module):
+    """Online network: backbone f, coupled projector g, semantic projector p; LEWEL_B adds predictors q and s.
 
-
-def regression_loss_per_row(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: mean over rows of 2 - 2 cos(prediction, sg(target)); rows along dim 0, features along dim 1."""
-    return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=1)).mean()
-
-
-def lewel_b_loss(pred_global, target_global, pred_aligned, target_aligned, beta: float) -> torch.Tensor:
-    """Eq. 3 for one direction of LEWEL_B: (1 - beta) L_g + beta L_a.
-
-    pred_global, target_global: B x d; pred_aligned, target_aligned: B x K x c (embedding k <-> embedding k).
-    NOTE: the official flag `--lewel-loss-weight` multiplies the *global* loss (w = 1 - beta); with the
-    default 0.5 both conventions agree.
+    The target (LEWEL_B) / key encoder (LEWEL_M) copies backbone + both projectors and computes its own maps.
+    NOTE: common.mlp is Linear(+bias) -> BN -> ReLU -> Linear(+bias) with PyTorch's default init; the official
+    MLP1D uses bias-free 1x1 Conv1d with kaiming fan_out init (the first bias is cancelled by BN; methods.md §1.1).
+    NOTE: Sec. 3.3 puts BN in the hidden layer of the LEWEL_M projectors too, unlike MoCo v2's BN-free head.
     """
-    loss_global = regression_loss_per_row(pred_global, target_global)
-    loss_aligned = regression_loss_per_row(pred_aligned.flatten(0, 1), target_aligned.flatten(0, 1))
-    return (1 - beta) * loss_global + beta * loss_aligned
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = common.ResNetTrunk(cfg.arch, cfg.stem)
+        channels = self.backbone.channels["res5"]
+        self.projector = mlp(channels, cfg.hidden_dim, cfg.proj_dim)          # g (global slot + heat-maps)
+        self.aligned_projector = mlp(channels, cfg.hidden_dim, cfg.proj_dim)  # p, c = d (Sec. 3.3 default)
+        self.predictor = self.aligned_predictor = None
+        if cfg.variant == "byol":
+            self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)          # q
+            self.aligned_predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)  # s
+        self.groups, self.scale = cfg.groups, cfg.scale
+
+    def forward(self, views):
+        """views: list of B x 3 x S x S. Per view: (global B x d, aligned B x d/h x d), the predictions q(z), s(z_k)
+        for LEWEL_B or the embeddings z, z_k for LEWEL_M (BN statistics per view)."""
+        outputs = [embed(self, view, self.groups, self.scale) for view in views]
+        if self.predictor is None:
+            return outputs
+        return [(self.predictor(z), per_embedding(self.aligned_predictor, aligned)) for z, aligned in outputs]
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
-    """Eq. 4 with a queue (MoCo): query, key B x c; negatives N x c (already l2-normalised, no grad)."""
-    query = F.normalize(query, dim=1)
-    key = F.normalize(key.detach(), dim=1)
-    positive = (query * key).sum(dim=1, keepdim=True)                 # B x 1
-    negative = query @ negatives.detach().t()                         # B x N
-    logits = torch.cat([positive, negative], dim=1) / tau             # B x (1+N), the positive is column 0
-    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+def embed(net, view, groups, scale):
+    """Global embedding z (B x d) and aligned embeddings z_k (B x d/h x d) of a network with .backbone,
+    .projector and .aligned_projector (the online model or its target / key encoder)."""
+    features = net.backbone(view)["res5"]                                  # B x C x H x W
+    z_global, heatmaps = coupled_projection(net.projector, features)      # B x d, B x d x HW
+    maps = alignment_maps(heatmaps, scale)                                 # B x d x HW
+    aligned = aligned_pooling(features.flatten(2), maps, groups)           # B x d/h x C
+    return z_global, per_embedding(net.aligned_projector, aligned)         # B x d, B x d/h x d
 
 
-def aligned_info_nce(query: torch.Tensor, keys_all: torch.Tensor, first_index: int, tau: float) -> torch.Tensor:
-    """Eq. 4 for the aligned embeddings of LEWEL_M with in-batch negatives (Sec. 3.3).
+@torch.no_grad()
+def shuffled_key_forward(encode, views, dist, seed):
+    """LEWEL_M key encoder with MoCo's shuffle-BN. encode: list of views -> list of (z, z_k) (the key encoder).
 
-    query B x K x c (this rank's online embeddings); keys_all N x K x c (key-encoder embeddings of the whole
-    global batch, all ranks concatenated); the positive of local sample i is global row first_index + i.
-    Embedding k is contrasted only against embedding k of the other images.
-    NOTE: the paper says negatives are "embeddings of different images in the current mini-batch" and does
-    not say whether other indices k' != k count as negatives; we use the same index k (Eq. 5's pairing).
+    Returns per view (z N x d, z_k N x d/h x d) for the GLOBAL batch of N images, in the original order. Under DDP
+    each view's global batch is gathered and permuted (every rank draws the same permutation from `seed`), each rank
+    encodes one slice, and the outputs are gathered and un-permuted: a key's BN batch then holds other images than
+    its query's, which blocks the intra-batch shortcut through BN statistics (MoCo, Sec. 3.3 "Shuffling BN").
+    NOTE: on one process there is nothing to shuffle across (BN sees the whole batch either way), so the keys
+    come from the plain forward; nothing replaces shuffle-BN there.
     """
-    batch, count, _ = query.shape
-    query = F.normalize(query, dim=2)
-    keys_all = F.normalize(keys_all.detach(), dim=2)
-    logits = torch.einsum("bkc,nkc->kbn", query, keys_all) / tau     # K x B x N
-    labels = torch.arange(batch, device=query.device) + first_index  # B
-    return F.cross_entropy(logits.reshape(count * batch, -1), labels.repeat(count))
+    if dist.world_size == 1:
+        return encode(views)
+    gathered = [common.all_gather_nograd(view) for view in views]             # per view N x 3 x S x S
+    size = views[0].shape[0]
+    permutation = torch.randperm(gathered[0].shape[0], generator=torch.Generator().manual_seed(seed))
+    permutation = permutation.to(views[0].device)
+    outputs = encode([images[permutation[dist.rank * size:(dist.rank + 1) * size]] for images in gathered])
+    unshuffle = torch.argsort(permutation)  # global row m holds image permutation[m]
+    return [(common.all_gather_nograd(z)[unshuffle], common.all_gather_nograd(z_k)[unshuffle]) for z, z_k in outputs]
 
 
 class KeyQueue(nn.Module):
-    """MoCo FIFO queue of l2-normalised keys (size x dim), written as a ring: the oldest rows are replaced first."""
+    """MoCo's FIFO queue of l2-normalised keys (size x dim), written as a ring: the oldest rows are replaced first."""
 
-    def __init__(self, size: int, dim: int, seed: int = 0):
+    def __init__(self, size, dim, seed=0):
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)  # same initial negatives on every rank
+        generator = torch.Generator().manual_seed(seed)  # the same initial (random) negatives on every rank
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """keys n x dim (the global batch, identical on every rank); n may not exceed the queue size."""
+    def enqueue(self, keys):
+        """keys n x dim: the global batch's keys, identical on every rank (n <= size)."""
         size = self.keys.shape[0]
-        assert len(keys) <= size, (len(keys), size)
         rows = (self.pointer + torch.arange(len(keys), device=keys.device)) % size
-        self.keys[rows] = F.normalize(keys, dim=1)
+        self.keys[rows] = F.normalize(keys.float(), dim=1)
         self.pointer.copy_((self.pointer + len(keys)) % size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+def lewel_b_loss(pred_global, target_global, pred_aligned, target_aligned, beta):
+    """Eq. 3 + Eq. 5, one direction: (1 - beta) l(q(z'), sg z'') + beta mean_k l(s(z'_k), sg z''_k).
+
+    pred/target global: B x d; pred/target aligned: B x K x c, embedding k of one view against embedding k of the other.
+    NOTE: the official flag --lewel-loss-weight multiplies the *global* loss (it is 1 - beta); equal at 0.5.
+    """
+    loss_global = regression_loss(pred_global, target_global)
+    loss_aligned = regression_loss(pred_aligned.flatten(0, 1), target_aligned.flatten(0, 1))
+    return (1 - beta) * loss_global + beta * loss_aligned
+
+
+def lewel_b_total(predictions, targets, beta):
+    """Symmetric LEWEL_B loss: v1 predicts v2's target and vice versa (summed, as the official code). Range [0, 8]."""
+    (p1, s1), (p2, s2) = predictions
+    (z1, a1), (z2, a2) = targets
+    return lewel_b_loss(p1, z2, s1, a2, beta) + lewel_b_loss(p2, z1, s2, a1, beta)
+
+
+def info_nce(query, key, negatives, tau):
+    """Eq. 4 with a queue: query, key B x c (key = positive); negatives N x c, l2-normalised, no gradient."""
+    query = F.normalize(query.float(), dim=1)
+    key = F.normalize(key.detach().float(), dim=1)
+    positive = (query * key).sum(dim=1, keepdim=True)                    # B x 1
+    negative = query @ negatives.detach().float().t()                    # B x N
+    logits = torch.cat([positive, negative], dim=1) / tau                # B x (1+N); the positive is column 0
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+def aligned_info_nce(query, keys_all, first_index, tau):
+    """Eq. 4 for the aligned embeddings with in-batch negatives (Sec. 3.3).
+
+    query B x K x c: this rank's online embeddings; keys_all N x K x c: key embeddings of the whole global batch;
+    the positive of local sample i is global row first_index + i, every other image is a negative.
+    NOTE: the paper's negatives are "embeddings of different images in the current mini-batch"; it does not say
+    whether indices k' != k count. We contrast embedding k only with embedding k of other images (Eq. 5's pairing).
+    """
+    batch, count, _ = query.shape
+    query = F.normalize(query.float(), dim=2)
+    keys_all = F.normalize(keys_all.detach().float(), dim=2)
+    logits = torch.einsum("bkc,nkc->kbn", query, keys_all) / tau        # K x B x N
+    labels = torch.arange(batch, device=query.device) + first_index     # B
+    return F.cross_entropy(logits.reshape(count * batch, -1), labels.repeat(count))
+
+
+def lewel_m_total(embeddings, keys, negatives, first_index, beta, tau):
+    """Symmetric LEWEL_M loss (Eq. 3 with Eq. 4): view 1 queries view 2's keys and vice versa, summed.
+
+    embeddings: per view (z B x d, z_k B x K x d) online, this rank; keys: per view (N x d, N x K x d), global batch;
+    negatives: the queue *before* this step's keys are added, so no key is ever its own negative.
+    NOTE: MoCo v2 trains one direction (q1 -> k2) and enqueues k2; we sum both directions like LEWEL_B and enqueue
+    both views' keys.
+    """
+    loss = 0.0
+    for (query, query_aligned), (key_all, key_aligned_all) in zip(embeddings, reversed(keys)):
+        key = key_all[first_index:first_index + query.shape[0]]                 # B x d, this rank's positives
+        loss = loss + (1 - beta) * info_nce(query, key, negatives, tau) \
+            + beta * aligned_info_nce(query_aligned, key_aligned_all, first_index, tau)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+def train(cfg, dist):
+    torch.manual_seed(cfg.seed)
+    out = common.prepare_output_dir(cfg.out) if dist.is_main else None
+    autocast_dtype, memory_format = common.cuda_setup(dist)
+    world_batch = cfg.batch_size
+    batch_per_rank = world_batch // dist.world_size
+    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
+    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
+                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
+    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
+                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * world_batch / 256
+    moco = cfg.variant == "moco"
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0))
+               for recipe in (MOCO_VIEWS if moco else LEWEL_VIEWS)]
+
+    model = LEWEL(cfg).to(dist.device, memory_format=memory_format)
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector,
+                                 "aligned_projector": model.aligned_projector})
+    if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    eman = cfg.eman and not moco
+    target.train(not eman)  # EMAN: the target normalises with its (EMA) running statistics
+    ema_pairs = common.ema_pairs(target, model, buffers=eman)
+    queue = KeyQueue(cfg.queue_size, cfg.proj_dim, cfg.seed).to(dist.device) if moco else None
+    if moco:  # NOTE: MoCo v2: plain SGD, weight decay on every parameter
+        optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+
+    step = 0
+    if cfg.resume:
+        state = common.load_checkpoint(f"{cfg.out}/last.pt", method="lewel")
+        common.check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "batch_size", "epochs",
+                                                         "variant"))
+        model.load_state_dict(state["model"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        if moco:
+            queue.load_state_dict(state["queue"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+        print0(f"resumed from {cfg.out}/last.pt at step {step}")
+
+    ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    online_forward = ddp_model
+    target_forward = (lambda views: [embed(target, view, cfg.groups, cfg.scale) for view in views])
+    if cfg.compile:
+        online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)
+
+    common.print_run_header("lewel", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
+                                                    steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                                    aligned_embeddings=cfg.proj_dim // cfg.groups))
+    log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
+    stop = common.StopSignal()
+
+    def save(epoch, reason):
+        if dist.is_main:
+            state = dict(method="lewel", config=common.config_dict(cfg), step=step, epoch=epoch,
+                         model=model.state_dict(), target=target.state_dict(), optimizer=optimizer.state_dict(),
+                         queue=queue.state_dict() if moco else None, rng=common.rng_state(),
+                         world_size=dist.world_size)
+            common.save_checkpoint(state, out / "last.pt")
+            if reason == "keep":
+                common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")
+        common.barrier()
+
+    def knn(epoch):
+        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
+                                      memory_format)
+        print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
+        log.write(epoch=epoch, step=step, knn_top1=accuracy)
+        return accuracy
+
+    if step == 0 and cfg.knn_every > 0:
+        knn(0)  # the random-init baseline every report compares against
+    accuracy = None
+    timer = common.Timer(dist.device)
+    start_epoch = step // steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
+        for images, _ in bar:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+            # NOTE: LEWEL_M keeps MoCo's fixed key momentum; LEWEL_B anneals tau_base -> 1 (cosine, per step).
+            tau = cfg.tau_base if moco else cosine_tau(step, total_steps, cfg.tau_base)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
+            views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
+                     for recipe in recipes]
+            with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                predictions = online_forward(views)
+                with torch.no_grad():
+                    targets = (shuffled_key_forward(target_forward, views, dist, cfg.seed * 1_000_003 + step)
+                               if moco else target_forward(views))
+            if moco:
+                loss = lewel_m_total(predictions, targets, queue.keys.clone(), dist.rank * batch_per_rank, cfg.beta,
+                                     cfg.temperature)
+            else:
+                loss = lewel_b_total(predictions, targets, cfg.beta)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema_update(ema_pairs, tau)  # target <- tau * target + (1 - tau) * online
+            if moco:
+                queue.enqueue(torch.cat([key_global for key_global, _ in targets]))  # after the loss: FIFO of 2N keys
+            step += 1
+            timer.add(images.shape[0] * dist.world_size)
+
+            at_epoch_end = step % steps_per_epoch == 0
+            stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
+            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
+                values = common.check_finite(step, dict(loss=loss), f"{cfg.out}/last.pt")
+                images_per_s = timer.rate()
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s)
+            if checkpoint_now and not at_epoch_end:
+                save(epoch, "step")
+            if stopping:
+                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
+                return dict(model=model, target=target, step=step, knn=None)
+        bar.close()
+        last_epoch = epoch + 1 == cfg.epochs
+        save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
+        if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
+            accuracy = knn(epoch + 1)
+    print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
+    return dict(model=model, target=target, step=step, knn=accuracy)
+
+
+def main(argv=None):
+    try:
+        cfg = common.parse_config(Config, PRESETS, argv)
+        dist = common.setup_distributed(cfg.device or None)
+        check_config(cfg, dist.world_size)
+        return train(cfg, dist)
+    except InputError as error:
+        common.die(str(error))
+    except common.TrainingError as error:
+        common.die(str(error), code=3)
+    finally:
+        common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -558,7 +558,8 @@ def train(cfg, dist):
                 if not math.isfinite(loss_value):
                     raise common.TrainingError(f"non-finite loss at step {step}: mcl loss = {loss_value}; "
                                                f"last good checkpoint kept in {cfg.out}/last.pt")
-                pair_losses = {f"loss_{name}": common.all_reduce_mean(value).item() for name, value in terms.items()}
+                pair_values = common.all_reduce_mean(torch.stack(list(terms.values()))).tolist()  # one sync
+                pair_losses = {f"loss_{name}": value for name, value in zip(terms, pair_values)}
                 images_per_s = timer.rate()
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
                 log.write(step=step, epoch=epoch, loss=loss_value, lr=lr, tau=tau, images_per_s=images_per_s,
@@ -568,14 +569,14 @@ def train(cfg, dist):
             if stop.received or step == cfg.stop_after:
                 save(epoch, "stop")
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
-                return None
+                return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
         save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
         if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             accuracy = knn(epoch + 1)
     print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
-    return accuracy
+    return dict(model=model, target=target, step=step, knn=accuracy)
 
 
 def main(argv=None):

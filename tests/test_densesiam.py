@@ -1,12 +1,19 @@
 """DenseSiam: cross-checks D1-D6 of shared/notes/methods.md §8 and the invariants of issue 5."""
+import dataclasses
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import densesiam
+from ddp_runner import ROOT
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -60,18 +67,21 @@ def test_d4_region_term_by_hand():
 
 
 def test_d5_replay_crop():
-    assert densesiam.replay_crop(0.75, 0.3, 0.6, 640) == (480, 48, 96)
-    assert densesiam.replay_crop(0.75, 0.3, 0.6, 80) == (60, 6, 12)
+    def crop(s, a, b, size):
+        return tuple(int(v) for v in densesiam.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size))
+
+    assert crop(0.75, 0.3, 0.6, 640) == (480, 48, 96)
+    assert crop(0.75, 0.3, 0.6, 80) == (60, 6, 12)
     # the released code rounds at each resolution separately: image and feature crops disagree for s = 0.77 ...
-    assert densesiam.replay_crop(0.77, 0.3, 0.6, 640) == (492, 44, 89)
-    assert densesiam.replay_crop(0.77, 0.3, 0.6, 80) == (61, 6, 11)
+    assert crop(0.77, 0.3, 0.6, 640) == (492, 44, 89)
+    assert crop(0.77, 0.3, 0.6, 80) == (61, 6, 11)
     # ... we crop the feature map with the image crop's normalised box instead, so the two stay pixel-aligned:
     # a 640 image whose pixels hold their column index, cropped at 640 and at 80 (8x8 average-pooled) agree.
-    side, top, left = densesiam.replay_crop(0.77, 0.3, 0.6, 640)
+    side, top, left = crop(0.77, 0.3, 0.6, 640)
     box = torch.tensor([[left / 640, top / 640, (left + side) / 640, (top + side) / 640]])
     columns = torch.arange(640.0).view(1, 1, 1, 640).expand(1, 1, 640, 640)
-    image_crop = densesiam.crop_resize(columns, box, torch.tensor([False]), 80)
-    feature_crop = densesiam.crop_resize(F.avg_pool2d(columns, 8), box, torch.tensor([False]), 80)
+    image_crop = common.crop_resize(columns, box, torch.tensor([False]), 80)
+    feature_crop = common.crop_resize(F.avg_pool2d(columns, 8), box, torch.tensor([False]), 80)
     assert (image_crop - feature_crop).abs().max() < 1e-3
 
 
@@ -107,8 +117,8 @@ def test_grid_points_map_to_same_original_pixels(flip1, flip2):
     boxes1 = torch.tensor([[0.05, 0.10, 0.70, 0.65]])
     boxes2 = torch.tensor([[0.30, 0.25, 0.95, 0.90]])
     flips1, flips2 = torch.tensor([flip1]), torch.tensor([flip2])
-    view1 = densesiam.crop_resize(image, boxes1, flips1, out)
-    view2 = densesiam.crop_resize(image, boxes2, flips2, out)
+    view1 = common.crop_resize(image, boxes1, flips1, out)
+    view2 = common.crop_resize(image, boxes2, flips2, out)
     grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips1, boxes2, flips2, grid_size)
     assert valid.all()
     where1 = densesiam.grid_sample_points(view1, grid1)                  # 1 x 2 x K x K original (x, y)
@@ -200,3 +210,214 @@ def test_fpn_decoder_shape():
     feats = {name: torch.randn(2, c, 32 // s, 32 // s)
              for name, c, s in (("res2", 64, 4), ("res3", 128, 8), ("res4", 256, 16), ("res5", 512, 32))}
     assert decoder(feats).shape == (2, 16, 8, 8)
+
+
+def test_grid_points_agree_through_common_augment():
+    """Random crops and flips drawn by common.augment: every grid point reads the same original pixel in both views."""
+    size, out = 64, 48
+    coords = torch.round(coordinate_image(size) * 255) / 255
+    image = (torch.cat([coords, torch.zeros(1, 1, size, size)], 1) * 255).round().to(torch.uint8).expand(16, -1, -1, -1)
+    recipe = dataclasses.replace(common.GEOMETRY_ONLY, crop_scale=(0.3, 1.0))
+    generator = torch.Generator().manual_seed(0)
+    (view1, boxes1, flips1), (view2, boxes2, flips2) = (common.augment(image, recipe, out, generator) for _ in range(2))
+    assert flips1.any() and (~flips1).any()
+    mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    view1, view2 = view1 * std + mean, view2 * std + mean                # back to [0, 1]: channels 0/1 = x/y
+    grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips1, boxes2, flips2, 7)
+    where1 = densesiam.grid_sample_points(view1[:, :2], grid1)
+    where2 = densesiam.grid_sample_points(view2[:, :2], grid2)
+    assert valid.sum() >= 8
+    assert (where1 - where2)[valid].abs().max() < 1.5 / size
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models: RegionSim switch, loss weights, seg forward/eval
+# ----------------------------------------------------------------------------------------------------------------------
+SMALL = dict(proj_dim=32, pred_hidden=16, dense_dim=8, dense_pred_hidden=8, region_dim=16, grid_size=3)
+
+
+def test_regionsim_inactive_before_start_and_weights_applied():
+    cfg = densesiam.Config(**SMALL, dense_weight=0.7, region_weight=0.3, region_start=0.5)
+    model = densesiam.DenseSiam(cfg)
+    torch.manual_seed(0)
+    views = [torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)]
+    boxes1 = torch.tensor([[0.0, 0.0, 0.8, 0.8]] * 3 + [[0.0, 0.0, 0.15, 0.15]])
+    boxes2 = torch.tensor([[0.2, 0.2, 1.0, 1.0]] * 4)
+    flips = torch.tensor([False, True, False, True])
+    grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips, boxes2, ~flips, cfg.grid_size)
+    assert valid.tolist() == [True, True, True, False]
+    region_heads = list(model.region_projector.parameters()) + list(model.region_predictor.parameters())
+    for step, expect_region in ((49, False), (50, True)):
+        model.zero_grad(set_to_none=True)
+        weight = densesiam.region_weight_at(step, 100, cfg.region_start, cfg.region_weight)
+        outputs = model(views, (grid1, grid2), weight > 0)
+        loss, terms = densesiam.densesiam_loss(outputs, valid, cfg.dense_weight, weight, cfg)
+        expected = terms["loss_sim"] + 0.7 * terms["loss_dense"] + (0.3 * terms["loss_region"] if expect_region else 0.0)
+        assert ("loss_region" in terms) == expect_region
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+        loss.backward()
+        assert all((p.grad is not None) == expect_region for p in region_heads)
+        assert model.dense_projector[0].weight.grad.abs().sum() > 0
+    assert outputs[0]["dense_z"].shape == (4, 8, 3, 3) and outputs[0]["u"].shape == (4, 8, 16)
+
+
+def seg_config(**overrides):
+    values = dict(num_classes=4, num_things=1, num_aux_classes=6, fpn_dim=16, image_size=32)
+    values.update(overrides)
+    return densesiam.SegConfig(**values)
+
+
+def test_seg_loss_weights_and_alignment():
+    cfg = seg_config()
+    model = densesiam.SegDenseSiam(cfg)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    boxes, flips = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), torch.tensor([False, True])
+    outputs = model(images, images, boxes, flips, True)
+    assert outputs[0]["z"].shape == (2, 4, 8, 8) and outputs[0]["aux_z"].shape == (2, 6, 8, 8)
+    loss, terms = densesiam.seg_loss(outputs, 0.1, cfg)
+    w_dense, w_aux = densesiam.auto_loss_weights(4, 6)
+    expected = w_dense * terms["loss_dense"] + w_aux * terms["loss_aux"] + terms["loss_seg"] + 0.1 * terms["loss_region"]
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    # identical views and the whole-image box without flip: both feature maps are the same map
+    model.eval()
+    with torch.no_grad():
+        first, second = model(images, images, boxes[:1].expand(2, 4), torch.tensor([False, False]), False)
+    assert torch.allclose(first["z"], second["z"], atol=1e-5)
+
+
+def test_seg_crop_boxes_are_squares_inside_the_image():
+    boxes, flips = densesiam.seg_crop_boxes(64, 640, (0.5, 1.0), torch.Generator().manual_seed(0), "cpu")
+    sides = boxes[:, 2] - boxes[:, 0]
+    assert torch.allclose(sides, boxes[:, 3] - boxes[:, 1]) and (sides >= 0.5 - 1e-6).all() and (sides <= 1).all()
+    assert (boxes >= 0).all() and (boxes <= 1).all() and flips.any() and (~flips).any()
+    assert torch.allclose(boxes * 640, (boxes * 640).round(), atol=1e-3)   # whole pixels of the input, as released
+
+
+def test_seg_evaluation_returns_fractions():
+    cfg = seg_config()
+    model = densesiam.SegDenseSiam(cfg)
+    images, labels = densesiam.make_synthetic_segmentation(4, 64, seed=0, num_things=1, num_stuff=3)
+    loader = common.TensorLoader(images, labels, 2, 0, 1, 0, shuffle=False, drop_last=False)
+    scores = densesiam.evaluate_segmentation(model, loader, 4, 1, 32)
+    assert all(0.0 <= scores[key] <= 1.0 for key in ("miou", "pixel_acc", "miou_things", "miou_stuff"))
+    assert model.training                                                 # evaluation restores train mode
+
+
+def test_seg_folder_layout(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (48, 40), (40 * i, 90, 160)).save(tmp_path / "images" / split / f"im{i}.jpg")
+            label = torch.zeros(40, 48, dtype=torch.uint8)
+            label[:, 24:] = 2
+            label[0, 0] = 255
+            Image.fromarray(label.numpy(), mode="L").save(tmp_path / "labels" / split / f"im{i}.png")
+    dataset = densesiam.SegFolder(tmp_path, "train", 32)
+    image, label = dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label.shape == (32, 32)
+    assert set(label.unique().tolist()) <= {0, 2, 255}
+    (tmp_path / "labels" / "val" / "im1.png").unlink()
+    with pytest.raises(common.InputError, match="no label PNG"):
+        densesiam.SegFolder(tmp_path, "val", 32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line, DDP, short runs
+# ----------------------------------------------------------------------------------------------------------------------
+TINY = ["--synthetic-size", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--log-every", "1",
+        "--proj-dim", "32", "--pred-hidden", "16", "--dense-dim", "8", "--dense-pred-hidden", "8", "--region-dim", "16",
+        "--grid-size", "3", "--region-start", "0.5", "--knn-every", "0"]
+TINY_SEG = ["--task", "seg", "--synthetic-size", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+            "--log-every", "1", "--fpn-dim", "16", "--num-aux-classes", "8", "--region-start", "0.5"]
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import common
+import densesiam
+
+dist = common.setup_distributed("cpu")
+for mode, args in (("pretrain", {pretrain!r}), ("seg", {seg!r})):   # one launch, both modes, one process group
+    cfg = densesiam.parse_config(args + ["--out", f"{{sys.argv[1]}}/{{mode}}", "--device", "cpu"])
+    densesiam.check_config(cfg, dist.world_size)
+    result = (densesiam.train_seg if cfg.task == "seg" else densesiam.train)(cfg, dist)
+    torch.save(dict(model=result["model"].state_dict(), step=result["step"]), f"{{cfg.out}}/rank{{dist.rank}}.pt")
+common.cleanup_distributed()
+"""
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    """Both modes train under `torchrun --nproc_per_node=2` on CPU, RegionSim switching on mid-run."""
+    script = tmp_path / "ddp_densesiam.py"
+    script.write_text(DDP_SCRIPT.format(root=ROOT, pretrain=TINY, seg=TINY_SEG))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for mode in ("pretrain", "seg"):
+        states = [torch.load(tmp_path / mode / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+        assert states[0]["step"] == states[1]["step"] == 2                # 16 images, global batch 8
+        records = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
+        assert [r["region_weight"] for r in records if "loss" in r] == [0.0, 0.1], mode
+        names = [n for n, v in states[0]["model"].items() if v.is_floating_point() and "running" not in n]
+        assert any(n.startswith("region_projector") for n in names)
+        for name in names:
+            assert torch.equal(states[0]["model"][name], states[1]["model"][name]), f"{mode}: {name} differs"
+    assert "miou" in records[0] and 0.0 <= records[-1]["miou"] <= 1.0   # seg: evaluated at init and at the end
+
+
+def test_resume_reaches_the_same_weights_bitwise(tmp_path):
+    args = TINY + ["--device", "cpu", "--synthetic-size", "24"]             # 3 steps, RegionSim on from step 1
+    densesiam.main(args + ["--out", str(tmp_path / "straight")])
+    densesiam.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "2"])
+    densesiam.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_seg_short_training_beats_initialisation(tmp_path):
+    """Seg mode on the built-in set: mIoU after a short CPU run beats the same network's mIoU at initialisation."""
+    result = densesiam.main(["--task", "seg", "--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "128",
+                             "--image-size", "32", "--batch-size", "16", "--epochs", "3", "--eval-every", "0",
+                             "--base-lr", "0.4", "--log-every", "8"])
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    miou = [r["miou"] for r in records if "miou" in r]
+    assert result["scores"]["miou"] == pytest.approx(miou[-1], abs=1e-6)
+    assert miou[-1] > miou[0] + 0.05, f"mIoU {miou[0]:.3f} at init -> {miou[-1]:.3f} after training"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "classify"], "--task must be pretrain or seg"),
+    (["--dense-loss", "l2"], "--dense-loss must be one of"),
+    (["--region-start", "1.5"], "--region-start is a fraction"),
+    (["--task", "seg", "--num-things", "9"], "--num-things < --num-classes"),
+    (["--task", "seg", "--data", "/nowhere"], "expected folder /nowhere/images/train"),
+    (["--task", "seg", "--init", "/nowhere.pth"], "--init /nowhere.pth: no such file"),
+])
+def test_bad_flags(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        densesiam.main(["--out", str(tmp_path), "--device", "cpu", "--epochs", "1", "--synthetic-size", "16"] + args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_init_weights_from_a_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    trunk = common.ResNetTrunk("resnet18", "imagenet")
+    densesiam.load_init_weights(trunk, tmp_path / "r18.pth")
+    assert torch.equal(trunk.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(common.InputError, match="not a torchvision ResNet state_dict"):
+        densesiam.load_init_weights(trunk, tmp_path / "other.pth")

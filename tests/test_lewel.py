@@ -237,3 +237,144 @@ def test_queue_is_fifo_with_wraparound():
     torch.testing.assert_close(queue.keys[:2], batches[1][2:])
     torch.testing.assert_close(queue.keys[2:4], batches[0][2:])  # the oldest surviving rows
     assert queue.pointer.item() == 2 and queue.keys.shape == (6, 4)
+
+
+def test_lewel_m_loss_never_uses_current_keys_as_negatives():
+    """The loop passes the queue as it was *before* this step; this step's keys are enqueued after the update."""
+    torch.manual_seed(0)
+    batch, count, dim = 4, 2, 8
+    queue = lewel.KeyQueue(size=16, dim=dim, seed=0)
+    embeddings = [(torch.randn(batch, dim), torch.randn(batch, count, dim)) for _ in range(2)]
+    keys = [(torch.randn(batch, dim), torch.randn(batch, count, dim)) for _ in range(2)]
+    negatives = queue.keys.clone()
+    loss = lewel.lewel_m_total(embeddings, keys, negatives, first_index=0, beta=0.5, tau=0.2)
+    # manual: queue negatives only, view 1 against view 2's keys and vice versa
+    manual = 0.0
+    for (query, query_aligned), (key, key_aligned) in zip(embeddings, reversed(keys)):
+        manual += 0.5 * lewel.info_nce(query, key, negatives, 0.2) + 0.5 * lewel.aligned_info_nce(
+            query_aligned, key_aligned, 0, 0.2)
+    torch.testing.assert_close(loss, manual)
+    current = F.normalize(torch.cat([key for key, _ in keys]), dim=1)
+    assert (current @ negatives.t()).max() < 0.999                 # no current key among the negatives
+    queue.enqueue(torch.cat([key for key, _ in keys]))              # what the loop does after optimizer.step()
+    torch.testing.assert_close(queue.keys[:2 * batch], current)
+    # enqueueing first would have made every key its own negative and changed the loss
+    wrong = lewel.lewel_m_total(embeddings, keys, queue.keys.clone(), first_index=0, beta=0.5, tau=0.2)
+    assert (wrong - loss).abs() > 1e-3
+
+
+def tiny_config(**changes):
+    base = dict(arch="resnet18", image_size=40, hidden_dim=64, proj_dim=32, groups=4)
+    base.update(changes)
+    return lewel.Config(**base)
+
+
+def test_model_shapes_and_initial_loss_near_four():
+    """C5 training-level check: at initialisation the symmetric LEWEL_B loss is ~4 (released log: 3.9743)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_dim=256, proj_dim=64)  # random cosines shrink like 1/sqrt(width)
+    model = lewel.LEWEL(cfg)
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector,
+                                 "aligned_projector": model.aligned_projector})
+    views = [torch.randn(8, 3, 40, 40) for _ in range(2)]
+    predictions = model(views)
+    with torch.no_grad():
+        targets = [lewel.embed(target, view, cfg.groups, cfg.scale) for view in views]
+    assert predictions[0][0].shape == (8, 64) and predictions[0][1].shape == (8, 16, 64)  # d/h = 16 embeddings
+    assert targets[0][0].shape == (8, 64) and targets[0][1].shape == (8, 16, 64)
+    loss = lewel.lewel_b_total(predictions, targets, cfg.beta)
+    assert abs(loss.item() - 4) < 0.25  # measured 3.965
+    loss.backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    assert all(param.grad is not None for param in model.parameters())
+
+
+def test_eman_target_averages_bn_buffers_and_runs_in_eval_mode():
+    """EMAN (methods.md §1.2): EMA over parameters AND BN running stats; num_batches_tracked copied."""
+    torch.manual_seed(0)
+    model = lewel.LEWEL(tiny_config())
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector,
+                                 "aligned_projector": model.aligned_projector})
+    target.train(False)
+    pairs = common.ema_pairs(target, model, buffers=True)
+    old_mean = target.projector[1].running_mean.clone()
+    model([torch.randn(4, 3, 40, 40)])                              # online train-mode forward moves its BN stats
+    new_mean = model.projector[1].running_mean.clone()
+    common.ema_update(pairs, 0.98)
+    torch.testing.assert_close(target.projector[1].running_mean, 0.98 * old_mean + 0.02 * new_mean)
+    assert target.projector[1].num_batches_tracked.item() == model.projector[1].num_batches_tracked.item() == 1
+    # eval mode: the target's embedding of one image does not depend on the rest of the batch
+    images = torch.randn(4, 3, 40, 40)
+    with torch.no_grad():
+        alone = lewel.embed(target, images[:1], 4, 1.0)[0]
+        in_batch = lewel.embed(target, images, 4, 1.0)[0][:1]
+    torch.testing.assert_close(alone, in_batch, rtol=1e-4, atol=1e-5)
+
+
+def test_config_checks_reject_bad_groups_and_small_queue():
+    with pytest.raises(common.InputError, match="--groups"):
+        lewel.check_config(tiny_config(groups=3), world_size=1)
+    with pytest.raises(common.InputError, match="--queue-size"):
+        lewel.check_config(tiny_config(variant="moco", queue_size=16, batch_size=16), world_size=1)
+    lewel.check_config(tiny_config(), world_size=1)
+    preset = common.parse_config(lewel.Config, lewel.PRESETS, ["--preset", "moco"])
+    assert (preset.variant, preset.hidden_dim, preset.proj_dim, preset.weight_decay) == ("moco", 2048, 128, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2-process torchrun on CPU: shuffle-BN bookkeeping, then a few LEWEL_B and LEWEL_M steps
+
+
+DRIVER = r'''
+import json, sys, torch
+import common, lewel
+out = sys.argv[1]
+dist = common.setup_distributed("cpu")
+# shuffle-BN bookkeeping: with an eval-mode (batch-independent) encoder the shuffled keys equal the plain ones
+torch.manual_seed(0)
+cfg = lewel.Config(image_size=40, hidden_dim=32, proj_dim=16)
+encoder = lewel.LEWEL(cfg).eval()
+views = [torch.randn(4, 3, 40, 40, generator=torch.Generator().manual_seed(10 * dist.rank + v)) for v in range(2)]
+encode = lambda vs: [lewel.embed(encoder, v, cfg.groups, cfg.scale) for v in vs]
+with torch.no_grad():
+    shuffled = lewel.shuffled_key_forward(encode, views, dist, seed=3)
+    plain = encode([common.all_gather_nograd(v) for v in views])
+error = max((a - b).abs().max().item() for s, p in zip(shuffled, plain) for a, b in zip(s, p))
+if dist.is_main:
+    json.dump(dict(shuffle_error=error, rows=shuffled[0][0].shape[0]), open(out + "/shuffle.json", "w"))
+# main() = parse + check + train + destroy the process group; one launch cannot re-create the group, so call train()
+tiny = ["--synthetic-size", "64", "--batch-size", "8", "--epochs", "1", "--image-size", "40", "--hidden-dim", "32",
+        "--proj-dim", "16", "--knn-every", "0", "--log-every", "1", "--stop-after", "2"]
+for argv in (tiny + ["--out", out + "/b"], ["--preset", "moco"] + tiny + ["--queue-size", "64", "--out", out + "/m"]):
+    cfg = common.parse_config(lewel.Config, lewel.PRESETS, argv)
+    lewel.check_config(cfg, dist.world_size)
+    lewel.train(cfg, dist)
+common.cleanup_distributed()
+'''
+
+
+def test_torchrun_two_processes_both_variants(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shuffle = json.loads((tmp_path / "shuffle.json").read_text())
+    assert shuffle["rows"] == 8 and shuffle["shuffle_error"] < 1e-5
+    for variant in ("b", "m"):
+        records = [json.loads(line) for line in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in records if "loss" in r]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+        state = torch.load(tmp_path / variant / "last.pt", map_location="cpu", weights_only=True)
+        assert state["step"] == 2 and state["world_size"] == 2
+    state = torch.load(tmp_path / "m" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["config"]["variant"] == "moco"
+    assert state["queue"]["pointer"].item() == 2 * 2 * 8 % 64       # 2 steps x 2 views x global batch 8

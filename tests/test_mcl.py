@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import mcl
+from ddp_runner import assert_same_parameters, run_two_processes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,3 +236,95 @@ def test_detector_state_dict_selects_backbone_fpn_head():
     fresh_fpn.load_state_dict({k[4:]: v for k, v in flat.items() if k.startswith("fpn.")}, strict=True)
     fresh_head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
     fresh_head.load_state_dict({k[5:]: v for k, v in flat.items() if k.startswith("head.")}, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedules (X5), training steps, DDP, resume, CLI
+
+TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16", "--fpn-dim", "16", "--hidden-dim", "64",
+        "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+
+
+def test_x5_schedules_of_the_imagenet_preset():
+    cfg = common.parse_config(mcl.Config, mcl.PRESETS, ["--preset", "imagenet"])
+    peak = cfg.base_lr * cfg.batch_size / 256
+    total, warmup = 31270, 3127           # 100 epochs and 10 warmup epochs of 1 281 167 images at B = 4096
+    assert peak == 16.0
+    assert common.lr_at(warmup, total, warmup, peak, cfg.final_lr) == pytest.approx(16.0)
+    assert common.lr_at(total, total, warmup, peak, cfg.final_lr) == pytest.approx(1e-4)
+    # NOTE: the official warmup starts at 16 * 1e-4; ours starts at 0 and is within that after one step
+    assert common.lr_at(0, total, warmup, peak, cfg.final_lr) == 0.0
+    assert common.lr_at(1, total, warmup, peak, cfg.final_lr) < 16e-4 + 16 / warmup
+    assert common.cosine_tau(0, total, cfg.tau_base) == pytest.approx(0.99)
+    assert common.cosine_tau(total, total, cfg.tau_base) == pytest.approx(1.0)
+    assert (cfg.weight_decay, cfg.epochs, cfg.temperature, cfg.level_weights) == (1e-5, 100, 1.0, (0.5, 0.25, 0.125, 0.125))
+
+
+def tiny_model(mode):
+    cfg = common.parse_config(mcl.Config, mcl.PRESETS, TINY + ["--mode", mode])
+    torch.manual_seed(0)
+    model = mcl.MCL(cfg)
+    target = common.make_target({"backbone": model.backbone, "fpn": model.fpn, "head": model.head})
+    return cfg, model, target
+
+
+@pytest.mark.parametrize("mode", ["a", "b", "c", "d"])
+def test_one_training_step_per_mode(mode):
+    """Finite loss, gradient on every online parameter, none on the target (which has no predictors)."""
+    cfg, model, target = tiny_model(mode)
+    batch = 8
+    images = common.make_synthetic(batch, cfg.image_size)[0]
+    counts = mcl.montage_counts(batch, cfg.level_copies)
+    geometry = (cfg.image_size, mcl.P5_STRIDE[cfg.stem])
+    pairs = mcl.matching_pairs(mode, 4)
+    stacks, tile_ids = mcl.make_inputs(images, cfg, counts, torch.Generator().manual_seed(0), torch.contiguous_format)
+    assert [s.shape[0] for s in stacks] == [sum(counts)] * 2 and stacks[0].shape[-1] == cfg.image_size
+    predictions = model(stacks, counts, geometry)
+    assert [p.shape[0] for p in predictions[0]] == [c * 4 ** s for s, c in enumerate(counts)]
+    target_levels = sorted({t for _, t in pairs})
+    with torch.no_grad():
+        targets = [mcl.embed_levels(target, stack, counts, geometry, target_levels) for stack in stacks]
+    assert (targets[0][1] is None) == (mode == "a")
+    keys = mcl.target_keys(targets, tile_ids, batch)
+    loss, terms = mcl.mcl_loss(predictions, keys, tile_ids, pairs, cfg.level_weights, cfg.temperature, 0)
+    assert torch.isfinite(loss) and len(terms) == len(pairs)
+    loss.backward()
+    assert not any(name.startswith("predictors") for name, _ in target.named_parameters())
+    assert all(p.grad is None for p in target.parameters())
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    states = run_two_processes("mcl", TINY + ["--mode", "c"], str(tmp_path))
+    assert_same_parameters(states)
+
+
+def test_resume_is_exact_and_export_selects_detector_modules(tmp_path):
+    args = TINY + ["--device", "cpu", "--batch-size", "16", "--synthetic-size", "48"]   # 3 steps in the epoch
+    mcl.main(args + ["--out", str(tmp_path / "straight")])
+    assert mcl.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "1"])["step"] == 1
+    mcl.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    for part in ("model", "target"):
+        for name, value in straight[part].items():
+            assert torch.equal(value, resumed[part][name]), f"{part}.{name}"
+    flat = mcl.detector_state_dict(straight["model"])
+    assert {key.split(".")[0] for key in flat} == {"backbone", "fpn", "head"}
+    assert len(flat) == len(straight["target"])          # the target holds exactly the transferable modules
+    assert all(torch.equal(flat[k], straight["model"][k]) for k in flat)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "e"], "--mode must be a, b, c or d"),
+    (["--level-weights", "0.5,0.5"], "--level-copies has 4 entries"),
+    (["--level-copies", "2,1,1,2"], "--level-copies must be positive integers starting with 1"),
+    (["--image-size", "36"], "must be divisible by 8"),
+    (["--temperature", "0"], "--temperature must be positive"),
+])
+def test_bad_flags(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        mcl.main(["--out", str(tmp_path)] + TINY + args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""byol.py: DDP on CPU, exact resume, a short run that learns, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import byol
+import common
+from ddp_runner import ROOT, assert_same_parameters, run_two_processes
+
+TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16", "--hidden-dim", "64", "--proj-dim", "32",
+        "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+
+
+def test_loss_is_zero_when_prediction_equals_target():
+    z = torch.randn(4, 8)
+    assert byol.byol_loss([z, z], [z, z]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_target_has_no_predictor_and_gets_no_gradient():
+    cfg = byol.Config(hidden_dim=32, proj_dim=16)
+    model = byol.BYOL(cfg)
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector})
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    predictions = model(views)
+    targets = [byol.embed(target, view) for view in views]
+    byol.byol_loss(predictions, targets).backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    states = run_two_processes("byol", TINY, str(tmp_path))
+    assert_same_parameters(states)
+
+
+def _weights(path):
+    state = torch.load(path, weights_only=True)
+    return {**{"model." + k: v for k, v in state["model"].items()}, **{"target." + k: v for k, v in state["target"].items()}}
+
+
+def test_resume_reaches_the_same_weights_bitwise(tmp_path):
+    args = TINY + ["--device", "cpu", "--batch-size", "8"]  # 8 steps in the epoch
+    byol.main(args + ["--out", str(tmp_path / "straight")])
+    byol.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "3"])
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 3
+    byol.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "resumed" / "last.pt")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_short_training_beats_random_init(tmp_path):
+    """A real run on the built-in data: kNN accuracy after training must beat the random-init backbone."""
+    result = byol.main(["--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "1024", "--epochs", "5",
+                        "--batch-size", "64", "--knn-every", "5", "--log-every", "8"])
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert result["knn"] == knn[-1]
+    assert knn[-1] > knn[0] + 5, f"kNN {knn[0]:.1f}% at init -> {knn[-1]:.1f}% after training"
+    assert losses[-1] < losses[0]
+
+
+def run_cli(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, "byol.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def test_bad_input_exits_with_one_clear_line(tmp_path):
+    code, lines = run_cli("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert code == 2 and lines[-1].startswith("error: --data") and "no such file" in lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--preset", "imagenet-2000ep"], "unknown preset"),
+    (["--arch", "resnet34"], "--arch must be"),
+    (["--epochs", "many"], "cannot read 'many'"),
+    (["--resume"], "does not exist"),
+])
+def test_bad_flags(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        byol.main(["--out", str(tmp_path)] + TINY + args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_and_corrupt_image_folders(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        byol.main(["--data", str(root), "--out", str(tmp_path / "o")] + TINY)
+    assert "contains no images" in capsys.readouterr().err
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(8):
+                Image.new("RGB", (40 + i, 30), (i * 30, 100, 200 - i * 20)).save(root / split / cls / f"{i}.png")
+    folder_args = ["--data", str(root), "--workers", "0", "--batch-size", "8"]
+    result = byol.main(TINY + folder_args + ["--out", str(tmp_path / "ok")])  # a real ImageFolder works
+    assert result["step"] == 2
+    (root / "train" / "a" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit):
+        byol.main(TINY + folder_args + ["--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot decode image") and "0.png" in err[-1]
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit):
+        byol.main(TINY + ["--out", str(blocker / "sub")])
+    assert "not writable" in capsys.readouterr().err
