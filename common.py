@@ -591,16 +591,16 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10):
     field = F.interpolate(low, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
     bg_a, bg_b = torch.rand(n, 3, 1, 1, **g), torch.rand(n, 3, 1, 1, **g)
     images = bg_a * field + bg_b * (1 - field)
-    for _ in range(4):
+    for _ in range(3):
         cx, cy = torch.rand(n, 1, 1, **g) * 2 - 1, torch.rand(n, 1, 1, **g) * 2 - 1
-        rad = 0.05 + 0.12 * torch.rand(n, 1, 1, **g)
+        rad = 0.05 + 0.1 * torch.rand(n, 1, 1, **g)
         blob = ((xx - cx) ** 2 + (yy - cy) ** 2) < rad ** 2
         images = torch.where(blob.unsqueeze(1), torch.rand(n, 3, 1, 1, **g), images)
     # the labelled shape
-    radius = 0.35 + 0.25 * torch.rand(n, 1, 1, **g)
-    cx = (torch.rand(n, 1, 1, **g) * 2 - 1) * (0.9 - radius)
-    cy = (torch.rand(n, 1, 1, **g) * 2 - 1) * (0.9 - radius)
-    angle = torch.rand(n, 1, 1, **g) * 2 * math.pi
+    radius = 0.45 + 0.3 * torch.rand(n, 1, 1, **g)
+    cx = (torch.rand(n, 1, 1, **g) * 2 - 1) * (0.95 - radius)
+    cy = (torch.rand(n, 1, 1, **g) * 2 - 1) * (0.95 - radius)
+    angle = (torch.rand(n, 1, 1, **g) * 2 - 1) * math.pi / 8  # +-22.5 degrees: square and diamond stay distinct
     dx, dy = xx - cx, yy - cy
     rx = dx * torch.cos(angle) + dy * torch.sin(angle)
     ry = -dx * torch.sin(angle) + dy * torch.cos(angle)
@@ -1275,3 +1275,42 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5):
     ratio = results["augmentation, batched (ours)"] / results["augmentation, torchvision per sample (1 process)"]
     print0(f"  {'augmentation speed-up (batched / per sample)':<52} {ratio:12.2f}x")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ---- Dense matching (DenseBYOL, Ladder-DenseBYOL) ----
+# DenseCL-style correspondence between the feature maps of two views (Wang et al. 2021, Sec. 3.2; Ladder Siamese
+# Network Eq. 7 "align"): every position of view a regresses onto the position of view b that looks most like it.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dense_match(query, key, max_elements=2 ** 26):
+    """For every query position, the index of the key position with the highest cosine similarity.
+
+    query: B x C x H x W (view a), key: B x C x H' x W' (view b)  ->  idx: B x HW, values in [0, H'W').
+    argmax has no gradient, so this runs under no_grad: it only decides which target vector each position regresses
+    onto. The B x HW x H'W' similarity is built a few images at a time (at most `max_elements` entries, 256 MB in
+    float32): at res2 of a 224 px view (56 x 56) one image alone needs 3136^2 = 9.8 M entries.
+    """
+    query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
+    key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
+    per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
+    return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk], key[start:start + per_chunk])
+                      .argmax(dim=2) for start in range(0, query.shape[0], per_chunk)])  # B x HW
+
+
+def gather_positions(features, idx):
+    """Pick positions of a map: features B x C x H x W, idx B x N (flat indices into H x W)  ->  B x C x N."""
+    flat = features.flatten(2)  # B x C x HW
+    return flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
+
+
+def dense_regression_loss(prediction, target, query, key):
+    """One direction of the DenseBYOL loss (Ladder Siamese Network Eq. 7). Range [0, 4].
+
+    mean over batch and positions (i, j) of 2 - 2 cos(prediction_ij, sg(target at the position matched to ij)).
+    prediction: B x D x H x W (online prediction of view a); target: B x D x H' x W' (target projection of view b);
+    query: B x C x H x W and key: B x C x H' x W', the maps of views a and b the matching is computed on.
+    """
+    aligned = gather_positions(target, dense_match(query, key))  # B x D x HW
+    return regression_loss(prediction.flatten(2), aligned)
