@@ -43,6 +43,7 @@ class Config:
     image_size: int = 32             # px of each augmented view; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
     crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08 (too small a piece of a 32-px image)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
@@ -129,13 +130,7 @@ def train(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
-    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
-                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
-    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
-    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)

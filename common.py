@@ -23,6 +23,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -471,7 +472,14 @@ def solarize(x):
 
 
 def _apply_subset(x, mask, fn, *per_sample):
-    """x[mask] = fn(x[mask], *per_sample[mask]) without touching the other samples."""
+    """x[mask] = fn(x[mask], *per_sample[mask]) without touching the other samples.
+
+    On CUDA the op runs on the whole batch and a per-sample select keeps it where mask is True: more arithmetic, but
+    no host synchronisation (indexing by a mask needs the count of True on the host). On CPU, only the chosen samples
+    are computed.
+    """
+    if x.is_cuda:
+        return torch.where(mask.view(-1, 1, 1, 1), fn(x, *per_sample), x)
     index = mask.nonzero().squeeze(1)
     if index.numel() == 0:
         return x
@@ -652,34 +660,49 @@ class TensorLoader:
 
 
 class _ImageFolderSquares(torch.utils.data.Dataset):
-    """ImageFolder whose items are uint8 tensors: shorter side resized to `size`, centre square of `size`."""
+    """ImageFolder whose items are uint8 tensors: shorter side resized to `size`, centre square of `size`.
 
-    def __init__(self, root, size):
+    With raw=True the items are the undecoded file bytes (decoded later on the device, see FolderLoader).
+    """
+
+    def __init__(self, root, size, raw=False):
         from torchvision.datasets import ImageFolder
 
         self.folder = ImageFolder(root, loader=lambda path: path)  # decode ourselves, in the worker
-        self.size = size
-        self.bad_files = 0
+        self.size, self.raw = size, raw
 
     def __len__(self):
         return len(self.folder)
 
     def __getitem__(self, index):
         from PIL import Image, UnidentifiedImageError
-        import torchvision.transforms.v2.functional as TF
 
         path, label = self.folder.samples[index]
+        if self.raw:
+            return torchvision.io.read_file(path), label, index
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
-                image = TF.center_crop(TF.resize(TF.pil_to_tensor(image), self.size, antialias=True), self.size)
+                image = TF.pil_to_tensor(image.convert("RGB"))
         except (OSError, UnidentifiedImageError, SyntaxError) as error:
             raise InputError(f"cannot decode image {path}: {error}") from None
-        return image, label
+        return resize_square(image, self.size), label
+
+
+def resize_square(image, size):
+    """uint8 C x H x W -> C x size x size: shorter side to `size` (antialiased), then the centre square."""
+    return TF.center_crop(TF.resize(image, size, antialias=True), size)
+
+
+def _collate_raw(batch):
+    return [item[0] for item in batch], torch.tensor([item[1] for item in batch]), [item[2] for item in batch]
 
 
 class FolderLoader:
-    """DataLoader over an ImageFolder with the same interface as TensorLoader (set_epoch, len, uint8 batches)."""
+    """DataLoader over an ImageFolder with the same interface as TensorLoader (set_epoch, len, uint8 batches).
+
+    decode_on_device=True: workers only read file bytes; JPEGs are decoded in one batched call on the device
+    (torchvision.io.decode_jpeg(device='cuda') uses the GPU's decoder) and resized there.
+    """
 
     def __init__(self, dataset, batch_per_rank, rank, world_size, seed, device, workers, shuffle=True, drop_last=True):
         self.dataset, self.batch, self.rank, self.world, self.seed = dataset, batch_per_rank, rank, world_size, seed
@@ -699,15 +722,32 @@ class FolderLoader:
         per_rank = n // self.world if self.drop_last else math.ceil(n / self.world)
         return order[self.rank * per_rank:(self.rank + 1) * per_rank]
 
+    def _decode(self, data, indices):
+        try:
+            images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            for item, index in zip(data, indices):  # find the culprit to name it
+                try:
+                    torchvision.io.decode_jpeg(item, mode=torchvision.io.ImageReadMode.RGB)
+                except RuntimeError:
+                    raise InputError(f"--gpu-decode: cannot decode {self.dataset.folder.samples[index][0]} as JPEG") from None
+            raise
+        return torch.stack([resize_square(image, self.dataset.size) for image in images])
+
     def __iter__(self):
         indices = self._indices()[self.start_batch * self.batch:].tolist()
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.dataset, indices), batch_size=self.batch, shuffle=False,
             num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
-            persistent_workers=False)
+            persistent_workers=False, collate_fn=_collate_raw if self.dataset.raw else None)
         try:
-            for images, labels in loader:
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            for batch in loader:
+                if self.dataset.raw:
+                    data, labels, index = batch
+                    yield self._decode(data, index), labels.to(self.device, non_blocking=True)
+                else:
+                    images, labels = batch
+                    yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         except InputError as error:  # from a worker: DataLoader re-raises it with the worker's traceback text
             raise InputError(str(error).strip().splitlines()[-1].removeprefix("common.InputError: ")) from None
 
@@ -726,7 +766,7 @@ def _folder_split(root, split):
     return path
 
 
-def load_dataset(data, image_size, split, synthetic_size=2560, seed=0):
+def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False):
     """Return ('tensor', images uint8 N x 3 x S x S, labels) or ('folder', Dataset, None).
 
     data: "synthetic" (built-in, generated in memory), "cifar10" (torchvision; downloads when the network allows;
@@ -753,16 +793,19 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0):
     if not os.path.exists(data):
         raise InputError(f"--data {data}: no such file or directory (use 'synthetic', 'cifar10' or an ImageNet-layout folder)")
     path = _folder_split(data, split)
-    dataset = _ImageFolderSquares(path, image_size)
+    dataset = _ImageFolderSquares(path, image_size, raw=raw)
     if len(dataset) == 0:
         raise InputError(f"--data {data}: no images found under {path}")
     return "folder", dataset, None
 
 
 def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, shuffle=True, drop_last=True,
-                synthetic_size=2560, load_size=None):
-    """Loader yielding (images uint8 B x 3 x L x L on the device, labels). Small datasets live on the device."""
-    kind, dataset, labels = load_dataset(data, load_size or image_size, split, synthetic_size)
+                synthetic_size=2560, load_size=None, decode_on_device=False):
+    """Loader yielding (images uint8 B x 3 x L x L on the device, labels). Small datasets live on the device.
+
+    decode_on_device: for folders of JPEGs, decode on the device (GPU decoder on CUDA) instead of in the workers.
+    """
+    kind, dataset, labels = load_dataset(data, load_size or image_size, split, synthetic_size, raw=decode_on_device)
     if kind == "tensor":
         loader = TensorLoader(dataset.to(dist.device), labels.to(dist.device), batch_per_rank, dist.rank,
                               dist.world_size, seed, shuffle, drop_last)
@@ -773,6 +816,27 @@ def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, 
         raise InputError(f"--data {data} ({split}): {len(dataset)} images are fewer than one batch of "
                          f"{batch_per_rank} per rank x {dist.world_size} ranks")
     return loader
+
+
+def load_size_of(cfg):
+    """Side of the uint8 square the loader produces: the view size for in-memory data, 256/224 of it for folders."""
+    if cfg.load_size:
+        return cfg.load_size
+    return cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224
+
+
+def make_loaders(cfg, dist, eval_batch=256):
+    """The three loaders of a pretraining run: shuffled training batches (cfg.batch_size is global), and the
+    unshuffled train (kNN memory bank) and val (kNN queries) sets. Reads cfg.data, image_size, load_size,
+    batch_size, seed, workers, synthetic_size and gpu_decode."""
+    common_args = dict(synthetic_size=cfg.synthetic_size, load_size=load_size_of(cfg), decode_on_device=cfg.gpu_decode)
+    train = make_loader(cfg.data, "train", cfg.image_size, cfg.batch_size // dist.world_size, dist, cfg.seed,
+                        cfg.workers, **common_args)
+    bank = make_loader(cfg.data, "train", cfg.image_size, eval_batch, dist, cfg.seed, cfg.workers, shuffle=False,
+                       drop_last=False, **common_args)
+    val = make_loader(cfg.data, "val", cfg.image_size, eval_batch, dist, cfg.seed, cfg.workers, shuffle=False,
+                      drop_last=False, **common_args)
+    return train, bank, val
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1202,10 +1266,7 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5):
     out = Path(cfg.out) / "benchmark"
     results = {}
     # (1) loader alone
-    folder = cfg.data not in ("synthetic", "cifar10")
-    load_size = cfg.load_size or (cfg.image_size * 256 // 224 if folder else cfg.image_size)
-    loader = make_loader(cfg.data, "train", cfg.image_size, per_rank, dist, cfg.seed, getattr(cfg, "workers", 8),
-                         synthetic_size=getattr(cfg, "synthetic_size", 2560), load_size=load_size)
+    loader = make_loaders(cfg, dist)[0]
     start, count = time.perf_counter(), 0
     for index, (images, _) in enumerate(loader):
         if index == warmup:
