@@ -1317,7 +1317,7 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5):
 
         results["peak memory (GiB, process RSS)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     # model FLOPs per image from one counted step
-    flop_cfg = dataclasses.replace(cfg, out=str(out), stop_after=1, data="synthetic", **base,
+    flop_cfg = dataclasses.replace(cfg, out=str(out), data="synthetic", **dict(base, stop_after=1),
                                    synthetic_size=max(per_rank * dist.world_size, 256))
     with FlopCounterMode(display=False) as counter:
         train_fn(flop_cfg, dist)
