@@ -594,14 +594,11 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10):
     labels = labels[torch.randperm(n, **g)]
     coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    # background: two random colours mixed by a smooth random field, plus clutter blobs
-    low = torch.rand(n, 1, 4, 4, **g)
-    field = F.interpolate(low, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
-    bg_a, bg_b = torch.rand(n, 3, 1, 1, **g), torch.rand(n, 3, 1, 1, **g)
-    images = bg_a * field + bg_b * (1 - field)
-    for _ in range(3):
+    # background: one random colour plus a few small clutter blobs
+    images = torch.rand(n, 3, 1, 1, **g).expand(n, 3, s, s)
+    for _ in range(2):
         cx, cy = torch.rand(n, 1, 1, **g) * 2 - 1, torch.rand(n, 1, 1, **g) * 2 - 1
-        rad = 0.05 + 0.1 * torch.rand(n, 1, 1, **g)
+        rad = 0.05 + 0.07 * torch.rand(n, 1, 1, **g)
         blob = ((xx - cx) ** 2 + (yy - cy) ** 2) < rad ** 2
         images = torch.where(blob.unsqueeze(1), torch.rand(n, 3, 1, 1, **g), images)
     # the labelled shape
