@@ -44,9 +44,11 @@ class Config:
     # data
     data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
-    image_size: int = 64             # px of each augmented view; paper: 224. NOTE: 64, not byol.py's 32, so res5 is 2 x 2, not 1 x 1
+    image_size: int = 40             # px of each view; paper: 224. NOTE: not byol.py's 32: res5 is 2 x 2, not 1 x 1
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
+    crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08 (too small a piece of a 32-px image)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
@@ -75,10 +77,11 @@ class Config:
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
+    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
-_IMAGENET = dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45, weight_decay=1e-6,
-                 warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
+_IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45,
+                 weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
 PRESETS = {
     # Ladder paper Sec. 4.1 (its DenseBYOL baseline shares the Ladder recipe): LARS, batch 4096, lr 7.2, wd 1e-6,
     # cosine; 100 epochs in Tables 4-5. NOTE: warmup and tau_base are not stated in the paper; these are BYOL's.
@@ -157,17 +160,12 @@ def train(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
-    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
-                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
-    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
-    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0)) for recipe in common.BYOL_VIEWS]
 
     model = DenseBYOL(cfg).to(dist.device, memory_format=memory_format)
     target = common.make_target({"backbone": model.backbone, "projector": model.projector,
@@ -219,11 +217,11 @@ def train(cfg, dist):
     if step == 0 and cfg.knn_every > 0:
         knn(0)  # the random-init baseline every report compares against
     accuracy = None
-    timer = common.Timer(dist.device)
+    timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
         for images, _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -233,7 +231,7 @@ def train(cfg, dist):
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
-                     for recipe in common.BYOL_VIEWS]
+                     for recipe in recipes]
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 predictions = online_forward(views)
@@ -249,23 +247,20 @@ def train(cfg, dist):
             timer.add(images.shape[0] * dist.world_size)
 
             at_epoch_end = step % steps_per_epoch == 0
-            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
-                loss_value, global_value, dense_value = common.all_reduce_mean(
-                    torch.stack([loss, global_loss, dense_loss]).detach()).tolist()
-                if not math.isfinite(loss_value):
-                    raise common.TrainingError(f"non-finite loss at step {step}: dense_byol loss = {loss_value} "
-                                               f"(global {global_value}, dense {dense_value}); "
-                                               f"last good checkpoint kept in {cfg.out}/last.pt")
-                images_per_s = timer.rate()
-                bar.set_postfix(loss=f"{loss_value:.4f}", glob=f"{global_value:.3f}", dense=f"{dense_value:.3f}",
-                                lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, loss=loss_value, loss_global=global_value, loss_dense=dense_value,
-                          lr=lr, tau=tau, images_per_s=images_per_s)
-            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
-                save(epoch, "steps")
-            if stop.received or step == cfg.stop_after:
-                save(epoch, "stop")
+            stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
+            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
+                terms = dict(loss=loss, loss_global=global_loss, loss_dense=dense_loss)
+                values = common.check_finite(step, terms, f"{cfg.out}/last.pt")
+                images_per_s, data_wait = timer.rate()
+                bar.set_postfix(loss=f"{values['loss']:.4f}", glob=f"{values['loss_global']:.3f}",
+                                dense=f"{values['loss_dense']:.3f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s, data_wait=data_wait)
+            if checkpoint_now and not at_epoch_end:
+                save(epoch, "step")
+            if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
                 return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
@@ -284,6 +279,8 @@ def main(argv=None):
         common.check(0 <= cfg.dense_weight <= 1, f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
         common.check(cfg.match_on in ("projection", "backbone"),
                      f"--match-on must be projection or backbone, got {cfg.match_on!r}")
+        if cfg.benchmark:
+            return common.run_benchmark(train, cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

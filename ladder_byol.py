@@ -9,7 +9,7 @@ averaged with the global loss of the same stage.
     z_i = f_i(z_{i-1})                                    stage maps res2..res5 of the online backbone
     L_i = l(q_i(p_i(pool z_i^a)), sg p'_i(pool z'_i^b))   + the same with a <-> b                     (Eq. 5)
     L_all = L_res5 + sum_i w_i L_i,  w_i = 2^(i-N) w      res2..res4 = 1/16, 1/8, 1/4 (w = 1/2)        (Eq. 4, 6)
-    dense stage:  L_i = (1 - lambda) L_i + lambda D_i,    lambda = 1/2 ("averaging", DenseCL)           (Sec. 3.3)
+    dense stage:  L_i <- (1 - lambda) L_i + lambda D_i,   lambda = 1/2 ("averaging", DenseCL)           (Sec. 3.3)
     D_i = mean_jk l(q_i^conv(y^a)_jk, sg align(y'^b; y^a)_jk) + a <-> b,  y = p_i^conv(z_i)            (Eq. 7)
     align: for every position jk of view a, the position of view b whose projection has the highest cosine
     l(p, z) = 2 - 2 cos(p, z);  xi <- tau xi + (1 - tau) theta after every step, as in BYOL
@@ -58,6 +58,8 @@ class Config:
     image_size: int = 32             # px of each augmented view; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
+    crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08 (too small a piece of a 32-px image)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
@@ -66,10 +68,10 @@ class Config:
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: cross-replica BN
     # ladder (Eq. 4-7)
     w: float = 0.5                   # Eq. 6 coefficient: res2, res3, res4 get w/8, w/4, w/2; paper: 0.5 (Table 6: 0.25, 1)
-    weights: tuple = ()              # explicit res2,res3,res4,res5 weights (fractions ok: 1/8,1/8,1/8,1); overrides --w; 0 = no head
+    weights: tuple = ()              # res2,res3,res4,res5 weights, overrides --w (Table 6: 1/8,1/8,1/8,1); 0 = no head
     dense_stages: tuple = ()         # stages whose loss is dense + global (Eq. 7); Ladder-DenseBYOL: res2,res3 (Table 5)
     dense_weight: float = 0.5        # lambda of (1 - lambda) L_global + lambda L_dense at a dense stage; DenseCL: 0.5
-    dense_hidden_dim: int = 1024     # hidden width of the 1x1-conv projector/predictor; paper: not stated (see NOTE in StageHead)
+    dense_hidden_dim: int = 0        # 1x1-conv head hidden width; 0 = the stage's channels (DenseCL); paper: not stated
     match_on: str = "projection"     # align() on dense projections (Eq. 7) | backbone maps (DenseCL)
     # optimisation
     epochs: int = 12                 # paper: 100 and 200 (Table 1 also 400)
@@ -89,10 +91,11 @@ class Config:
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
+    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
-_IMAGENET = dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45, weight_decay=1e-6,
-                 warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
+_IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45,
+                 weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
 PRESETS = {
     # Sec. 4.1: LARS, batch 4096, lr 7.2 (= 0.45 * 4096 / 256), wd 1e-6, cosine, 100 / 200 epochs; the rest as BYOL
     # (10 warmup epochs, tau_base 0.99). NOTE: the paper does not state warmup or tau_base; these are BYOL's.
@@ -131,6 +134,7 @@ def check_ladder_config(cfg):
         common.check(stage in STAGES, f"--dense-stages: unknown stage {stage!r}; choose from {','.join(STAGES)}")
         common.check(weights[stage] > 0, f"--dense-stages: {stage} has loss weight 0, so it has no head")
     common.check(0 <= cfg.dense_weight <= 1, f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
+    common.check(cfg.dense_hidden_dim >= 0, f"--dense-hidden-dim must be >= 0, got {cfg.dense_hidden_dim}")
     common.check(cfg.match_on in ("projection", "backbone"),
                  f"--match-on must be projection or backbone, got {cfg.match_on!r}")
 
@@ -145,9 +149,10 @@ class StageHead(nn.Module):
     global (Eq. 5): global pool -> projector p_i (MLP) -> predictor q_i (MLP), the BYOL head on a pooled stage map.
     dense  (Eq. 7): 1x1-conv projector p_i^conv -> 1x1-conv predictor q_i^conv, the same MLP at every position.
     NOTE: the paper states no head widths for the intermediate stages; the global heads copy BYOL's (hidden_dim,
-    proj_dim). The dense heads get their own hidden width, dense_hidden_dim = 1024 by default: a 4096-wide 1x1-conv
-    head at res2 of a 224 px ResNet-50 view (56 x 56 positions) costs 6.6 GMACs per view, more than the backbone
-    (4.1 GMACs); at 1024 it costs 1.6 GMACs (res3: 0.6) and the projection width stays proj_dim (methods.md §3).
+    proj_dim). The dense heads' hidden width defaults to the stage's channel count, as DenseCL's dense head
+    (2048 -> 2048 -> 128 at res5): a BYOL-wide 4096 1x1-conv head at res2 of a 224 px ResNet-50 view (56 x 56
+    positions) would cost 6.6 GMACs per view, more than the backbone (4.1 GMACs); 256 wide it costs 0.4 GMACs.
+    The output width stays proj_dim. --dense-hidden-dim N sets one width for every dense stage (methods.md §3).
     """
 
     def __init__(self, in_dim, cfg, dense):
@@ -155,8 +160,9 @@ class StageHead(nn.Module):
         self.projector = mlp(in_dim, cfg.hidden_dim, cfg.proj_dim)
         self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
         if dense:
-            self.dense_projector = conv_mlp(in_dim, cfg.dense_hidden_dim, cfg.proj_dim)
-            self.dense_predictor = conv_mlp(cfg.proj_dim, cfg.dense_hidden_dim, cfg.proj_dim)
+            dense_hidden = cfg.dense_hidden_dim or in_dim
+            self.dense_projector = conv_mlp(in_dim, dense_hidden, cfg.proj_dim)
+            self.dense_predictor = conv_mlp(cfg.proj_dim, dense_hidden, cfg.proj_dim)
 
     def target_modules(self):
         """What the EMA target mirrors: the projectors (BYOL's target has no predictor)."""
@@ -246,22 +252,17 @@ def train(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
-    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
-                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
-    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
-    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0)) for recipe in common.BYOL_VIEWS]
 
     weights = stage_weights(cfg)
     model = LadderBYOL(cfg).to(dist.device, memory_format=memory_format)
-    target = common.make_target({"backbone": model.backbone,
-                                 "heads": nn.ModuleDict({stage: head.target_modules() for stage, head in model.heads.items()})})
+    target = common.make_target({"backbone": model.backbone, "heads": nn.ModuleDict(
+        {stage: head.target_modules() for stage, head in model.heads.items()})})
     if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
@@ -313,11 +314,11 @@ def train(cfg, dist):
     if step == 0 and cfg.knn_every > 0:
         knn(0)  # the random-init baseline every report compares against
     accuracy = None
-    timer = common.Timer(dist.device)
+    timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
         for images, _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -327,7 +328,7 @@ def train(cfg, dist):
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
-                     for recipe in common.BYOL_VIEWS]
+                     for recipe in recipes]
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 predictions = online_forward(views)
@@ -343,23 +344,21 @@ def train(cfg, dist):
             timer.add(images.shape[0] * dist.world_size)
 
             at_epoch_end = step % steps_per_epoch == 0
-            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
-                # one all-reduce for the total and every rung of the ladder (each stage's loss is logged on its own)
-                names = ["loss"] + [f"loss_{s}" for s in stage_losses] + [f"dense_{s}" for s in dense_losses]
-                values = torch.stack([loss] + list(stage_losses.values()) + list(dense_losses.values())).detach()
-                logged = dict(zip(names, common.all_reduce_mean(values).tolist()))
-                if not math.isfinite(logged["loss"]):
-                    raise common.TrainingError(f"non-finite loss at step {step}: ladder losses = {logged}; "
-                                               f"last good checkpoint kept in {cfg.out}/last.pt")
-                images_per_s = timer.rate()
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", **{s: f"{logged[f'loss_{s}']:.3f}" for s in stage_losses},
+            stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
+            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
+                terms = dict(loss=loss, **{f"loss_{s}": value for s, value in stage_losses.items()},  # every rung
+                             **{f"dense_{s}": value for s, value in dense_losses.items()})
+                values = common.check_finite(step, terms, f"{cfg.out}/last.pt")
+                images_per_s, data_wait = timer.rate()
+                bar.set_postfix(loss=f"{values['loss']:.4f}", **{s: f"{values[f'loss_{s}']:.3f}" for s in stage_losses},
                                 lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, **logged, lr=lr, tau=tau, images_per_s=images_per_s)
-            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
-                save(epoch, "steps")
-            if stop.received or step == cfg.stop_after:
-                save(epoch, "stop")
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s, data_wait=data_wait)
+            if checkpoint_now and not at_epoch_end:
+                save(epoch, "step")
+            if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
                 return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
@@ -376,6 +375,8 @@ def main(argv=None):
         dist = common.setup_distributed(cfg.device or None)
         common.check_common_config(cfg, dist.world_size)
         check_ladder_config(cfg)
+        if cfg.benchmark:
+            return common.run_benchmark(train, cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

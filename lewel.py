@@ -58,6 +58,7 @@ class Config:
     image_size: int = 40             # px of each view; paper: 224. NOTE: not 32: res5 is 1x1 up to 32 px (no maps), 2x2 at 40
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
     crop_min_scale: float = 0.25     # smallest random-resized-crop area; LEWEL code and MoCo v2: 0.2 (BYOL: 0.08)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
@@ -91,6 +92,7 @@ class Config:
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
+    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
 # LEWEL_M recipe (Sec. 3.3): MoCo v2 with SGD (momentum 0.9) lr 0.06 at batch 256, wd 1e-4, 2048/128 heads, fixed
@@ -104,6 +106,8 @@ PRESETS = {
     # i.e. a LARS rate (LARS rescales every layer's step to 1e-3 x ||w||, so its lr is not an SGD lr; SimSiam's SGD
     # uses 0.05 per 256 images). We follow the released scripts (LARS, base_lr 0.9 = 3.6 x 256 / 1024) and default
     # to their EMAN recipe; `--batch-size 512 --weight-decay 1e-6` gives the paper's numbers (lr 1.8) with LARS.
+    # NOTE: the official code evaluates the cosine once per epoch (constant within an epoch); common.lr_at steps it
+    # every iteration.
     "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, crop_min_scale=0.2, hidden_dim=4096,
                      batch_size=1024, epochs=200, base_lr=0.9, weight_decay=1.5e-6, warmup_epochs=10.0,
                      tau_base=0.98, eman=True, knn_every=10, workers=10),
@@ -353,13 +357,7 @@ def train(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
-    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
-                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
-    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
-    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -380,7 +378,9 @@ def train(cfg, dist):
     queue = KeyQueue(cfg.queue_size, cfg.proj_dim, cfg.seed).to(dist.device) if moco else None
     if moco:  # NOTE: MoCo v2: plain SGD, weight decay on every parameter
         optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    else:
+    else:  # NOTE: optax-form LARS (lr outside the momentum buffer); LEWEL's code puts lr inside it, which only
+        # differs while the lr changes: two steps at lr 1.8 then 3.6 move 23 % further here (tests/test_lewel.py, C5).
+        # The official 400-ep run also applies LARS + wd to the heads' BN weights (methods.md §1.3); we never do.
         optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
 
     step = 0
@@ -430,11 +430,11 @@ def train(cfg, dist):
     if step == 0 and cfg.knn_every > 0:
         knn(0)  # the random-init baseline every report compares against
     accuracy = None
-    timer = common.Timer(dist.device)
+    timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
         for images, _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -472,9 +472,9 @@ def train(cfg, dist):
             checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
             if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
                 values = common.check_finite(step, dict(loss=loss), f"{cfg.out}/last.pt")
-                images_per_s = timer.rate()
+                images_per_s, data_wait = timer.rate()
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s)
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s, data_wait=data_wait)
             if checkpoint_now and not at_epoch_end:
                 save(epoch, "step")
             if stopping:
@@ -495,6 +495,8 @@ def main(argv=None):
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
         check_config(cfg, dist.world_size)
+        if cfg.benchmark:
+            return common.run_benchmark(train, cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

@@ -13,8 +13,11 @@ InfoNCE pulls u towards v of the same source image and pushes it from v of every
     modes (Sec. 3.3, Fig. 3): a = every level -> level 0 (the official code), b = s -> s, c = s -> s +- 1, d = all
     xi <- tau xi + (1 - tau) theta,  tau(k) = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
 
-Defaults follow the official config (methods.md §7): 4 levels (ratios 1, 2, 4, 8; tiles per image 1, 1, 1, 2),
-level weights 1/2, 1/4, 1/8, 1/8, T = 1 with the x2T factor, FPN 256 channels, head MLP 256 -> 2048 -> 256.
+Method defaults follow the official config (methods.md §7): 4 levels (ratios 1, 2, 4, 8; tiles per image 1, 1, 1, 2),
+level weights 1/2, 1/4, 1/8, 1/8, T = 1 with the x2T factor, head MLP 2048 -> 256 wide; --preset imagenet adds the
+paper's recipe (ResNet-50, 224 px, FPN 256 channels, LARS lr 16 at batch 4096, wd 1e-5, 100 epochs). The CPU defaults
+use 32-px images and an FPN of 128 channels (at 256 the FPN alone costs more than the ResNet-18 at 32 px).
+Where this file departs from the paper or the official code it says so in a NOTE.
 
 Commands:
     python mcl.py                                    # built-in synthetic data, CPU-sized defaults, ~5 min on 2 cores
@@ -25,7 +28,6 @@ Commands:
 """
 
 import dataclasses
-import math
 from collections import Counter, OrderedDict
 
 import torch
@@ -51,6 +53,8 @@ class Config:
     image_size: int = 32             # px of each augmented view and montage; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
+    crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper/official: 0.2 (byol.py's 32-px default kept)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
@@ -83,24 +87,21 @@ class Config:
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
+    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
 PRESETS = {
     # Paper Sec. 4.1 + official configs/selfsup/MCL/MCL.py (methods.md §7): LARS, 4096 global batch (32 x 128),
     # lr 1.0 * B / 256 = 16, wd 1e-5, 10-epoch warmup, cosine to 1e-4, EMA 0.99 -> 1, 100 epochs.
-    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=100, base_lr=1.0,
-                     final_lr=1e-4, weight_decay=1e-5, warmup_epochs=10.0, tau_base=0.99, fpn_dim=256,
-                     hidden_dim=2048, proj_dim=256, knn_every=10, workers=10),
+    "imagenet": dict(crop_min_scale=0.2, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096,
+                     epochs=100, base_lr=1.0, final_lr=1e-4, weight_decay=1e-5, warmup_epochs=10.0, tau_base=0.99,
+                     fpn_dim=256, hidden_dim=2048, proj_dim=256, knn_every=10, workers=10),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px: P5 is 4x4, every tile 4x4 cells); not a paper recipe.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
                     base_lr=1.0, weight_decay=1e-5, warmup_epochs=10.0, tau_base=0.99, fpn_dim=256, knn_every=10),
 }
 
 P5_STRIDE = {"imagenet": 32, "cifar": 8}  # stride of res5 / P5 for each ResNetTrunk stem
-MCL_VIEWS = tuple(dataclasses.replace(recipe, crop_scale=(0.2, 1.0), interpolation="bilinear")
-                  for recipe in common.BYOL_VIEWS)
-# NOTE: official pipelines are BYOL's two recipes with crop scale (0.2, 1) and bilinear resize (methods.md §1.5, §7):
-# branch "q" (views 0-3: blur 1.0, solarize 0) and branch "k" (views 4-7: blur 0.1, solarize 0.2), one view per level.
 
 
 def check_mcl_config(cfg):
@@ -162,15 +163,16 @@ def assemble_montages(views, ratio, num_montages, generator=None, order=None):
     return montages.reshape(num_montages, channels, ratio * h, ratio * w), tile_ids
 
 
-def make_inputs(images, cfg, counts, generator, memory_format):
+def make_inputs(images, recipes, cfg, counts, generator, memory_format):
     """Both branches' network inputs: per branch one stack [full views; level-1 montages; ...] and the tile ids.
 
-    images: B x 3 x L x L uint8. Every level of every branch gets its own augmented view (same recipe within a
-    branch, fresh randomness; Sec. 4.1 "augmented separately with different random seeds").
+    images: B x 3 x L x L uint8; recipes: one ViewRecipe per branch. Every level of every branch gets its own
+    augmented view (same recipe within a branch, fresh randomness; Sec. 4.1 "augmented separately with different
+    random seeds"; official: 8 pipelines, views 0-3 for branch "q" and 4-7 for branch "k").
     Returns stacks [2 x (sum counts) x 3 x S x S] and tile_ids [2 x [level s: (counts[s] * 4^s,) long]].
     """
     stacks, tile_ids = [], []
-    for recipe in MCL_VIEWS:
+    for recipe in recipes:
         parts, ids = [], []
         for level, count in enumerate(counts):
             view = augment(images, recipe, cfg.image_size, generator)[0]                   # B x 3 x S x S
@@ -452,17 +454,15 @@ def train(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    load_size = cfg.load_size or (cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224)
-    train_loader = common.make_loader(cfg.data, "train", cfg.image_size, batch_per_rank, dist, cfg.seed, cfg.workers,
-                                      synthetic_size=cfg.synthetic_size, load_size=load_size)
-    bank_loader = common.make_loader(cfg.data, "train", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                     drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
-    val_loader = common.make_loader(cfg.data, "val", cfg.image_size, 256, dist, cfg.seed, cfg.workers, shuffle=False,
-                                    drop_last=False, synthetic_size=cfg.synthetic_size, load_size=load_size)
+    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
+    # NOTE: official pipelines = BYOL's two recipes with bilinear resize and crop scale (0.2, 1) (methods.md §1.5, §7):
+    # branch "q" (views 0-3: blur 1.0, solarize 0) and branch "k" (views 4-7: blur 0.1, solarize 0.2), one per level.
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0), interpolation="bilinear")
+               for recipe in common.BYOL_VIEWS]
     counts = montage_counts(batch_per_rank, cfg.level_copies)      # network inputs per level and branch
     geometry = (cfg.image_size, P5_STRIDE[cfg.stem])
     pairs = matching_pairs(cfg.mode, len(cfg.level_weights))
@@ -520,11 +520,11 @@ def train(cfg, dist):
     if step == 0 and cfg.knn_every > 0:
         knn(0)  # the random-init baseline every report compares against
     accuracy = None
-    timer = common.Timer(dist.device)
+    timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(train_loader, dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
         for images, _ in bar:
             # NOTE: the official schedule (mmcv) starts warmup at 1e-4 * peak and runs its cosine over all steps
@@ -535,7 +535,7 @@ def train(cfg, dist):
                 group["lr"] = lr
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
-            stacks, tile_ids = make_inputs(images, cfg, counts, generator, memory_format)
+            stacks, tile_ids = make_inputs(images, recipes, cfg, counts, generator, memory_format)
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 predictions = online_forward(stacks, counts, geometry)
@@ -553,22 +553,19 @@ def train(cfg, dist):
             timer.add(images.shape[0] * dist.world_size)
 
             at_epoch_end = step % steps_per_epoch == 0
-            if step % cfg.log_every == 0 or at_epoch_end or step == cfg.stop_after:
-                loss_value = common.all_reduce_mean(loss.detach()).item()
-                if not math.isfinite(loss_value):
-                    raise common.TrainingError(f"non-finite loss at step {step}: mcl loss = {loss_value}; "
-                                               f"last good checkpoint kept in {cfg.out}/last.pt")
-                pair_values = common.all_reduce_mean(torch.stack(list(terms.values()))).tolist()  # one sync
-                pair_losses = {f"loss_{name}": value for name, value in zip(terms, pair_values)}
-                images_per_s = timer.rate()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, loss=loss_value, lr=lr, tau=tau, images_per_s=images_per_s,
-                          **pair_losses)
-            if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and not at_epoch_end:
-                save(epoch, "steps")
-            if stop.received or step == cfg.stop_after:
-                save(epoch, "stop")
+            stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
+            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
+                pair_losses = {f"loss_{pair}": value for pair, value in terms.items()}  # "loss_1->0": level 1 -> 0
+                values = common.check_finite(step, dict(loss=loss, **pair_losses), f"{cfg.out}/last.pt")
+                images_per_s, data_wait = timer.rate()
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s, data_wait=data_wait)
+            if checkpoint_now and not at_epoch_end:
+                save(epoch, "step")
+            if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
+                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
                 return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
@@ -585,6 +582,8 @@ def main(argv=None):
         dist = common.setup_distributed(cfg.device or None)
         common.check_common_config(cfg, dist.world_size)
         check_mcl_config(cfg)
+        if cfg.benchmark:
+            return common.run_benchmark(train, cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

@@ -68,11 +68,13 @@ def test_L1_equal_stage_losses_give_1_4375_L():
 
 def test_L3_intermediate_projector_inputs_match_resnet50_stages():
     """L3: pooled res2/res3/res4 of ResNet-50 have 256/512/1024 channels; res5 2048. Dense heads too."""
-    cfg = config("--arch", "resnet50", "--dense-stages", "res2,res3")
+    cfg = config("--arch", "resnet50", "--dense-stages", "res2,res3", "--dense-hidden-dim", "0")
     model = ladder_byol.LadderBYOL(cfg)
     widths = {s: head.projector[0].in_features for s, head in model.heads.items()}
     assert widths == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
-    assert [model.heads[s].dense_projector[0].in_channels for s in ("res2", "res3")] == [256, 512]
+    dense_in = [model.heads[s].dense_projector[0].in_channels for s in ("res2", "res3")]
+    dense_hidden = [model.heads[s].dense_projector[0].out_channels for s in ("res2", "res3")]
+    assert dense_in == dense_hidden == [256, 512]  # default hidden width = the stage's channels (DenseCL)
     assert not hasattr(model.heads["res4"], "dense_projector")
 
 
@@ -217,6 +219,7 @@ def test_resume_refuses_a_checkpoint_with_other_heads(tmp_path, capsys):
     (["--weights", "0,1,1,1", "--dense-stages", "res2"], "res2 has loss weight 0"),
     (["--dense-stages", "res6"], "unknown stage 'res6'"),
     (["--match-on", "pixels"], "--match-on must be"),
+    (["--dense-hidden-dim", "-1"], "--dense-hidden-dim must be >= 0"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

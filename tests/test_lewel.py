@@ -356,6 +356,7 @@ common.cleanup_distributed()
 def test_torchrun_two_processes_both_variants(tmp_path):
     import json
     import os
+    import signal
     import subprocess
     import sys
 
@@ -364,9 +365,19 @@ def test_torchrun_two_processes_both_variants(tmp_path):
     driver.write_text(DRIVER)
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # own session: if a rank fails, its peer can sit in a collective with SIGTERM caught (common.StopSignal), and
+    # torchrun exits without it; kill the whole group so no orphan keeps a CPU
+    process = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)], cwd=root,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert process.returncode == 0, stderr[-3000:]
     shuffle = json.loads((tmp_path / "shuffle.json").read_text())
     assert shuffle["rows"] == 8 and shuffle["shuffle_error"] < 1e-5
     for variant in ("b", "m"):

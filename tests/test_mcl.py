@@ -10,6 +10,15 @@ import mcl
 from ddp_runner import assert_same_parameters, run_two_processes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's 2 cores are shared: with 2 intra-op threads each tiny step ran 5-10x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Montage assembly (X2, X3, counts)
 
@@ -241,7 +250,7 @@ def test_detector_state_dict_selects_backbone_fpn_head():
 # ---------------------------------------------------------------------------------------------------------------------
 # Schedules (X5), training steps, DDP, resume, CLI
 
-TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16", "--fpn-dim", "16", "--hidden-dim", "64",
+TINY = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "16", "--fpn-dim", "16", "--hidden-dim", "64",
         "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
 
 
@@ -277,7 +286,8 @@ def test_one_training_step_per_mode(mode):
     counts = mcl.montage_counts(batch, cfg.level_copies)
     geometry = (cfg.image_size, mcl.P5_STRIDE[cfg.stem])
     pairs = mcl.matching_pairs(mode, 4)
-    stacks, tile_ids = mcl.make_inputs(images, cfg, counts, torch.Generator().manual_seed(0), torch.contiguous_format)
+    stacks, tile_ids = mcl.make_inputs(images, common.BYOL_VIEWS, cfg, counts, torch.Generator().manual_seed(0),
+                                       torch.contiguous_format)
     assert [s.shape[0] for s in stacks] == [sum(counts)] * 2 and stacks[0].shape[-1] == cfg.image_size
     predictions = model(stacks, counts, geometry)
     assert [p.shape[0] for p in predictions[0]] == [c * 4 ** s for s, c in enumerate(counts)]
@@ -301,7 +311,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 
 
 def test_resume_is_exact_and_export_selects_detector_modules(tmp_path):
-    args = TINY + ["--device", "cpu", "--batch-size", "16", "--synthetic-size", "48"]   # 3 steps in the epoch
+    args = TINY + ["--device", "cpu", "--batch-size", "8", "--synthetic-size", "24"]   # 3 steps in the epoch
     mcl.main(args + ["--out", str(tmp_path / "straight")])
     assert mcl.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "1"])["step"] == 1
     mcl.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])

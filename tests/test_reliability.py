@@ -19,7 +19,7 @@ TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "8", "--
 
 def start(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "byol.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "byol.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -43,7 +43,9 @@ def weights(path):
 
 
 def test_sigkill_then_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
-    byol.main(TINY + ["--out", str(tmp_path / "straight")])
+    # every run in a subprocess with the same environment (thread count changes float summation order)
+    straight = start(TINY + ["--out", str(tmp_path / "straight")])
+    assert straight.wait(timeout=240) == 0, straight.communicate()
     crashed = tmp_path / "crashed"
     process = start(TINY + ["--out", str(crashed), "--ckpt-every-steps", "1"])
     wait_for_step(crashed / "last.pt", 3, process)
@@ -51,7 +53,8 @@ def test_sigkill_then_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
     process.wait()
     killed_at, _ = weights(crashed / "last.pt")
     assert 3 <= killed_at < 8, killed_at  # really killed mid-run, and last.pt is readable
-    byol.main(TINY + ["--out", str(crashed), "--resume"])
+    resumed = start(TINY + ["--out", str(crashed), "--resume"])
+    assert resumed.wait(timeout=240) == 0, resumed.communicate()
     step_a, a = weights(tmp_path / "straight" / "last.pt")
     step_b, b = weights(crashed / "last.pt")
     assert step_a == step_b == 8
