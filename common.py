@@ -410,17 +410,12 @@ def _rgb_to_hsv(x):
 
 
 def _hsv_to_rgb(hue, sat, val):
-    i = torch.floor(hue * 6.0)
-    f = hue * 6.0 - i
-    i = i.long() % 6
-    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
-    choices = torch.stack([
-        torch.stack([val, q, p, p, t, val], dim=1),
-        torch.stack([t, val, val, q, p, p], dim=1),
-        torch.stack([p, p, t, val, val, q], dim=1),
-    ], dim=1)  # B x 3 x 6 x H x W
-    index = i.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)
-    return choices.gather(2, index).squeeze(2)
+    """B x H x W each -> B x 3 x H x W, with the closed form c_n = v - v s clamp(min(k, 4 - k), 0, 1),
+    k = (n + 6 h) mod 6 for n = 5, 3, 1 (R, G, B): elementwise, no gather."""
+    n = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
+    k = (n + hue.unsqueeze(1) * 6) % 6
+    val, sat = val.unsqueeze(1), sat.unsqueeze(1)
+    return val - val * sat * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def adjust_brightness(x, factor):   # factor: B
