@@ -107,3 +107,45 @@ def test_checkpoints_load_with_weights_only_and_no_eval_of_config_text():
     sources = "".join(open(os.path.join(ROOT, name)).read() for name in os.listdir(ROOT) if name.endswith(".py"))
     assert "weights_only=False" not in sources
     assert "yaml.load(" not in sources and "exec(" not in sources and " eval(" not in sources
+
+
+METHODS = ["byol", "ladder_byol", "dense_byol", "densesiam", "lewel", "mcl"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--preset", "no-such-preset"], "unknown preset"),
+    (["--resume"], "does not exist"),
+    (["--data", "/no/such/folder"], "no such file or directory"),
+])
+def test_every_method_rejects_bad_input_with_one_line(tmp_path, capsys, method, args, message):
+    module = __import__(method)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--out", str(tmp_path), "--device", "cpu", "--epochs", "1"] + args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-1:]
+
+
+def test_batch_not_divisible_by_world_size_and_unknown_stage(capsys):
+    import common
+
+    with pytest.raises(common.InputError, match="not divisible by the world size 3"):
+        common.check_common_config(byol.Config(batch_size=128), world_size=3)
+    with pytest.raises(SystemExit):
+        eval_linear.main(["--ckpt", "x.pt", "--stage", "res6", "--device", "cpu"])
+    assert "--stage 'res6' is not one of res2, res3, res4, res5" in capsys.readouterr().err
+
+
+def test_images_smaller_than_the_crop_are_upscaled(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (6, 5), (i * 60, 30, 90)).save(tmp_path / split / cls / f"{i}.png")
+    result = byol.main(TINY + ["--data", str(tmp_path), "--workers", "0", "--out", str(tmp_path / "out"),
+                               "--stop-after", "1"])
+    assert result["step"] == 1
