@@ -1024,12 +1024,18 @@ class StopSignal:
     """Remember SIGTERM/SIGINT so the loop can save a checkpoint at a step boundary and exit 128 + signal number."""
 
     def __init__(self):
-        self.received = None
+        self.received, self.grace_started = None, False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
+        # A rank blocked in a collective (its peer died) never reaches a step boundary: SIGALRM's default action
+        # ends it after a grace period, so torchrun's teardown cannot leave it hanging. A second signal ends it now.
+        if self.grace_started:
+            os._exit(128 + signum)
+        self.grace_started = True
+        signal.alarm(120)
 
     def agreed(self):
         """True on every rank when any rank got a signal (ranks must stop at the same step or DDP hangs)."""
