@@ -20,11 +20,13 @@ The official code (ZwwWayne/DenseSiam) released only the segmentation mode; the 
 re-implemented from the paper (shared/notes/methods.md §5). Both live in this file and share the losses.
 
 Commands:
-    python densesiam.py                                   # pretraining, built-in synthetic data, CPU defaults
+    python densesiam.py                                   # pretraining, built-in data, CPU defaults (80 steps at
+                                                          # 64 px: about the FLOPs of `python byol.py`)
     torchrun --standalone --nproc_per_node=2 densesiam.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
     torchrun --nproc_per_node=8 densesiam.py --data /path/to/imagenet --preset imagenet
     python eval_linear.py --ckpt runs/densesiam/last.pt   # kNN + linear probe of the frozen backbone
     python densesiam.py --task seg                        # unsupervised segmentation, built-in synthetic set
+                                                          # (~1.5 CPU-minutes; mIoU at init vs after training)
     torchrun --nproc_per_node=4 densesiam.py --task seg --preset cocostuff27 --data /path/to/cocostuff27 \\
         --init resnet18_imagenet.pth                      # paper setting (needs the supervised ImageNet weights)
 """

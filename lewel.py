@@ -173,6 +173,9 @@ def alignment_maps(heatmaps, scale):
     """Sec. 3.2: l2-normalise each pixel's d-vector over channels, divide by `scale`, softmax over space.
 
     heatmaps B x d x HW -> maps B x d x HW; each of the d maps sums to 1 over the HW positions.
+    The logits lie in [-1/scale, 1/scale], so at scale 1 no position can hold more than e / (e + (HW - 1) / e) of
+    a map: 0.71 at 2x2, 0.13 at 7x7 (224 px). Maps are soft by construction; at initialisation (entries of a
+    normalised d-vector ~ 1/sqrt(d)) they are close to uniform, i.e. close to global average pooling.
     """
     return F.softmax(F.normalize(heatmaps.float(), dim=1) / scale, dim=2)
 

@@ -85,6 +85,16 @@ def test_alignment_maps_sum_to_one_over_space():
     torch.testing.assert_close(maps.sum(dim=2), torch.ones(3, 8))
 
 
+def test_alignment_maps_are_at_most_as_sharp_as_the_logit_bound_allows():
+    """Logits are l2-normalised: the sharpest map (+1 at one position, -1 elsewhere) is e / (e + (HW - 1) / e)."""
+    for positions, bound in ((4, 0.7112), (49, 0.1334)):
+        heatmaps = -torch.ones(1, 1, positions)  # d = 1: each pixel's normalised vector is +-1
+        heatmaps[0, 0, 0] = 1.0
+        maps = lewel.alignment_maps(heatmaps, scale=1.0)
+        assert maps.max().item() == pytest.approx(math.e / (math.e + (positions - 1) / math.e), abs=1e-6)
+        assert maps.max().item() == pytest.approx(bound, abs=1e-4)
+
+
 def test_uniform_maps_give_global_average_pooling():
     """Remark after Eq. 1: W = 1/(HW) everywhere makes every aligned representation the GAP of F."""
     torch.manual_seed(0)
