@@ -988,6 +988,13 @@ def load_checkpoint(path, method=None):
     return state
 
 
+def should_resume(cfg):
+    """--resume, or an elastic restart: torchrun --max-restarts sets TORCHELASTIC_RESTART_COUNT > 0 when it restarts
+    the workers, and then the run continues from <out>/last.pt if one was written (otherwise it starts over)."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return cfg.resume or (restarted and (Path(cfg.out) / "last.pt").is_file())
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

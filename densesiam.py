@@ -759,7 +759,7 @@ def train(cfg, dist):
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     step = 0
-    if cfg.resume:
+    if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
         state = common.load_checkpoint(f"{cfg.out}/last.pt", method="densesiam")
         common.check_resume_compatible(state, cfg)
         model.load_state_dict(state["model"])
@@ -883,7 +883,7 @@ def train_seg(cfg, dist):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     step = 0
-    if cfg.resume:
+    if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
         state = common.load_checkpoint(f"{cfg.out}/last.pt", method="densesiam-seg")
         common.check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "batch_size", "epochs",
                                                          "num_classes", "num_aux_classes"))

@@ -387,7 +387,7 @@ def train(cfg, dist):
         optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
 
     step = 0
-    if cfg.resume:
+    if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
         state = common.load_checkpoint(f"{cfg.out}/last.pt", method="lewel")
         common.check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "batch_size", "epochs",
                                                          "variant"))

@@ -149,3 +149,17 @@ def test_images_smaller_than_the_crop_are_upscaled(tmp_path):
     result = byol.main(TINY + ["--data", str(tmp_path), "--workers", "0", "--out", str(tmp_path / "out"),
                                "--stop-after", "1"])
     assert result["step"] == 1
+
+
+def test_elastic_restart_resumes_by_itself(tmp_path, monkeypatch):
+    import common
+
+    cfg = byol.Config(out=str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert not common.should_resume(cfg)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not common.should_resume(cfg)  # restarted before any checkpoint: start over
+    byol.main(TINY + ["--out", str(tmp_path), "--stop-after", "2"])
+    assert common.should_resume(cfg)
+    result = byol.main(TINY + ["--out", str(tmp_path)])  # no --resume flag: continues from step 2
+    assert result["step"] == 8
