@@ -52,7 +52,7 @@ class Config:
     proj_dim: int = 256              # projection width; paper: 256
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: cross-replica BN
     # optimisation
-    epochs: int = 6                  # paper: 300 (1000 for the headline number); 6 fits ~4 min on 2 CPU cores
+    epochs: int = 6                  # paper: 300 (1000 for the headline number); 6 keeps the CPU default run short
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
     base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.3 (300 ep), 0.2 (1000 ep), 0.45 (100 ep)
     weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1.5e-6 (1000 ep), 1e-6 otherwise
