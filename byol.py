@@ -13,7 +13,7 @@ This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.
 skeleton (config -> model -> loss -> train loop -> main) and differ only where the method differs.
 
 Commands:
-    python byol.py                                   # built-in synthetic data, CPU-sized defaults, ~3 min on 2 cores
+    python byol.py                                   # built-in synthetic data, CPU-sized defaults
     torchrun --standalone --nproc_per_node=2 byol.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
     torchrun --nproc_per_node=8 byol.py --data /path/to/imagenet --preset imagenet
     python eval_linear.py --ckpt runs/byol/last.pt   # kNN + linear probe of the frozen backbone
