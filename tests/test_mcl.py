@@ -338,3 +338,31 @@ def test_bad_flags(tmp_path, capsys, args, message):
         mcl.main(["--out", str(tmp_path)] + TINY + args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [
+    ["--level-weights", "0.5,0.25,0.25", "--level-copies", "1,1,1", "--mode", "b"],  # 3 levels: FPN P3..P5 only
+    ["--image-size", "48", "--mode", "d"],  # 48 px: tiles off the stride-32 lattice -> RoIAlign path
+])
+def test_other_geometries_train(extra):
+    cfg = common.parse_config(mcl.Config, mcl.PRESETS, TINY + extra)
+    torch.manual_seed(0)
+    model = mcl.MCL(cfg)
+    levels = len(cfg.level_weights)
+    assert sorted(model.fpn.output) == [f"p{k}" for k in range(6 - levels, 6)]
+    batch = 8
+    images = common.make_synthetic(batch, cfg.image_size)[0]
+    counts = mcl.montage_counts(batch, cfg.level_copies)
+    geometry = (cfg.image_size, mcl.P5_STRIDE[cfg.stem])
+    stacks, tile_ids = mcl.make_inputs(images, common.BYOL_VIEWS, cfg, counts, torch.Generator().manual_seed(0),
+                                       torch.contiguous_format)
+    predictions = model(stacks, counts, geometry)
+    target = common.make_target({"backbone": model.backbone, "fpn": model.fpn, "head": model.head})
+    with torch.no_grad():
+        targets = [mcl.embed_levels(target, stack, counts, geometry, range(levels)) for stack in stacks]
+    pairs = mcl.matching_pairs(cfg.mode, levels)
+    loss, _ = mcl.mcl_loss(predictions, mcl.target_keys(targets, tile_ids, batch), tile_ids, pairs, cfg.level_weights,
+                           cfg.temperature, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
