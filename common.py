@@ -1138,10 +1138,11 @@ def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=
         labels.append(targets)
     backbone.train(was_training)
     features, labels = torch.cat(features), torch.cat(labels)
-    return _gather_ragged(features), _gather_ragged(labels)
+    return gather_ragged(features), gather_ragged(labels)
 
 
-def _gather_ragged(tensor):
+def gather_ragged(tensor):
+    """Concatenate a tensor whose first dim may differ between ranks, in rank order (identity on one process)."""
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return tensor
     count = torch.tensor([tensor.shape[0]], device=tensor.device)
