@@ -160,6 +160,8 @@ def check_common_config(cfg, world_size):
     check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
     check(cfg.stem in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, got {cfg.stem!r}")
     check(cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}")
+    lars_form = getattr(cfg, "lars_form", "optax")
+    check(lars_form in LARS.FORMS, f"--lars-form must be one of {', '.join(LARS.FORMS)}, got {lars_form!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -847,17 +849,28 @@ def lars_param_groups(model, weight_decay):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) in the BYOL/optax form, with foreach kernels (no per-parameter Python math).
+    """LARS (You et al. 2017) with foreach kernels (no per-parameter Python math), in one of two published forms.
 
-    For a group with lars=True:   u = g + wd * w;  u *= trust * ||w|| / ||u||  (when both norms are > 0)
-    For a group with lars=False:  u = g                 (biases and BatchNorm parameters: no decay, no adaptation)
-    Then m = momentum * m + u;  w -= lr * m.
+    form="optax" (DeepMind BYOL; the default):
+        lars=True groups:   u = g + wd * w;  u *= trust * ||w|| / ||u||   (when both norms are > 0)
+        m = momentum * m + u;  w -= lr * m                                  (lr outside the buffer)
+    form="openselfsup" (OpenSelfSup-derived code: the official LEWEL and MCL):
+        lars=True groups:   u = (g + wd * w) * trust * ||w|| / (||g|| + wd * ||w||)
+        m = momentum * m + lr * u;  w -= m                                  (lr inside the buffer)
+    lars=False groups (biases and BatchNorm parameters): u = g, no weight decay, no adaptation, in both forms.
+    The two forms agree at a constant lr (and tiny wd); they differ while the lr changes (warmup, cosine), because
+    the buffer holds past updates scaled by the lr at which they were made in the second form only.
+    NOTE: the OpenSelfSup form has no guard for a zero norm; we keep the optax guard (ratio 1) in both.
     Use lars_param_groups(model, wd) to build the groups (1-D parameters are excluded, as BYOL excludes biases and BN).
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3):
+    FORMS = ("optax", "openselfsup")
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, form="optax"):
+        if form not in self.FORMS:
+            raise InputError(f"--lars-form must be one of {', '.join(self.FORMS)}, not {form!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, lars=True))
+                                      trust_coefficient=trust_coefficient, lars=True, form=form))
 
     @torch.no_grad()
     def step(self):
@@ -866,13 +879,15 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
+            lr_inside = group.get("form", "optax") == "openselfsup"
             if group["lars"]:
-                if group["weight_decay"] != 0:
-                    updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                else:
-                    updates = [g.clone() for g in grads]
+                decay = group["weight_decay"]
+                updates = torch._foreach_add(grads, params, alpha=decay) if decay != 0 else [g.clone() for g in grads]
                 weight_norms = torch._foreach_norm(params)
-                update_norms = torch._foreach_norm(updates)
+                if lr_inside:  # ||g|| + wd ||w||
+                    update_norms = torch._foreach_add(torch._foreach_norm(grads), weight_norms, alpha=decay)
+                else:          # ||g + wd w||
+                    update_norms = torch._foreach_norm(updates)
                 ratios = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
                           for w, u in zip(weight_norms, update_norms)]
                 torch._foreach_mul_(updates, ratios)
@@ -885,8 +900,12 @@ class LARS(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffers.append(state["momentum_buffer"])
             torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, updates)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            if lr_inside:
+                torch._foreach_add_(buffers, updates, alpha=group["lr"])
+                torch._foreach_sub_(params, buffers)
+            else:
+                torch._foreach_add_(buffers, updates)
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, final_lr=0.0):

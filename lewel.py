@@ -79,6 +79,7 @@ class Config:
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 512 (B), 256 (M)
     base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.9 (B: 1.8 at 512), 0.06 (M: at 256)
     weight_decay: float = 1.5e-6     # LARS (B, not on biases/BN) or SGD (M, every parameter); paper: 1e-6 (B), 1e-4 (M)
+    lars_form: str = "openselfsup"   # LARS update rule: openselfsup = the official code (lr inside the momentum buffer) | optax (BYOL)
     warmup_epochs: float = 1.0       # linear lr warmup; released scripts (B): 10; MoCo v2 (M): none
     tau_base: float = 0.99           # B: target momentum, cosine to 1 (paper 0.98); M: fixed key momentum (paper 0.999)
     # run
@@ -381,10 +382,11 @@ def train(cfg, dist):
     queue = KeyQueue(cfg.queue_size, cfg.proj_dim, cfg.seed).to(dist.device) if moco else None
     if moco:  # NOTE: MoCo v2: plain SGD, weight decay on every parameter
         optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    else:  # NOTE: optax-form LARS (lr outside the momentum buffer); LEWEL's code puts lr inside it, which only
-        # differs while the lr changes: two steps at lr 1.8 then 3.6 move 23 % further here (tests/test_lewel.py, C5).
-        # The official 400-ep run also applies LARS + wd to the heads' BN weights (methods.md §1.3); we never do.
-        optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+    else:  # LEWEL's code puts lr inside the momentum buffer (--lars-form openselfsup, default); byol.py's optax form
+        # keeps it outside, which differs while the lr changes: two steps at lr 1.8 then 3.6 move 23 % further there
+        # (tests/test_lewel.py, C5). NOTE: the official 400-ep run also applies LARS + wd to the heads' BN weights
+        # (methods.md §1.3); we never do.
+        optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr, form=cfg.lars_form)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt

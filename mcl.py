@@ -74,6 +74,7 @@ class Config:
     base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 1.0
     final_lr: float = 1e-4           # lr at the end of the cosine; official config: 1e-4 (absolute)
     weight_decay: float = 1e-5       # LARS weight decay (not on biases/BN); paper: 1e-5
+    lars_form: str = "openselfsup"   # LARS update rule: openselfsup = the official code (lr inside the momentum buffer) | optax (BYOL)
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
     tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: 0.99
     # run
@@ -474,7 +475,8 @@ def train(cfg, dist):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+    # NOTE: the official code's LARS form (lr inside the momentum buffer), not byol.py's optax form; --lars-form optax
+    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr, form=cfg.lars_form)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt

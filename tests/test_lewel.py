@@ -152,11 +152,11 @@ def test_c5_reference_lars_reproduces_official_numbers():
     assert (q - q0).sum().item() == pytest.approx(-3.6 * q_grad.sum().item(), abs=1e-5)
 
 
-def run_common_lars(lrs):
+def run_common_lars(lrs, form="optax"):
     p0, p_grad, q0, q_grad = c5_tensors()
     p, q = p0.clone().requires_grad_(), q0.clone().requires_grad_()
     optimizer = common.LARS([dict(params=[q], weight_decay=0.0, lars=False),
-                             dict(params=[p], weight_decay=1.5e-6, lars=True)], lr=lrs[0])
+                             dict(params=[p], weight_decay=1.5e-6, lars=True)], lr=lrs[0], form=form)
     for lr in lrs:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -399,3 +399,14 @@ def test_torchrun_two_processes_both_variants(tmp_path):
     state = torch.load(tmp_path / "m" / "last.pt", map_location="cpu", weights_only=True)
     assert state["config"]["variant"] == "moco"
     assert state["queue"]["pointer"].item() == 2 * 2 * 8 % 64       # 2 steps x 2 views x global batch 8
+
+
+def test_c5_openselfsup_form_matches_the_official_rule_while_lr_changes():
+    """common.LARS(form="openselfsup") (lewel.py's default) is the official rule step for step, warmup included."""
+    for lrs in ([3.6], [1.8, 3.6], [0.5, 1.0, 2.0, 3.6, 3.0]):
+        dp, dq = run_common_lars(lrs, form="openselfsup")
+        ref_dp, ref_dq = run_reference_lars(lrs)
+        torch.testing.assert_close(dp, ref_dp, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(dq, ref_dq, rtol=1e-6, atol=1e-5)
+    with pytest.raises(common.InputError, match="--lars-form"):
+        common.LARS([torch.zeros(1, requires_grad=True)], lr=1.0, form="sgd")

@@ -332,6 +332,7 @@ def test_resume_is_exact_and_export_selects_detector_modules(tmp_path):
     (["--level-copies", "2,1,1,2"], "--level-copies must be positive integers starting with 1"),
     (["--image-size", "36"], "must be divisible by 8"),
     (["--temperature", "0"], "--temperature must be positive"),
+    (["--lars-form", "sgd"], "--lars-form must be one of optax, openselfsup"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
