@@ -48,7 +48,7 @@ class Config:
     stage: tuple = ("res5",)          # stages to probe (comma list of res2,res3,res4,res5); columns of the table
     data: str = ""                    # "" = the data the checkpoint was trained on
     image_size: int = 0               # 0 = the checkpoint's image size
-    random_init: bool = False         # evaluate the same architecture at initialisation instead of the weights
+    random_init: bool = False         # also evaluate the first checkpoint's architecture at initialisation (first row)
     probe: str = "fast"               # fast (cached features) | augmented (standard ImageNet protocol) | none (kNN only)
     probe_epochs: int = 100           # fast: 100; augmented: 90 (SimSiam) / 80 (BYOL)
     probe_lr: float = 0.0             # 0 = 1.0 for fast, 0.1 * batch/256 for augmented
@@ -343,10 +343,12 @@ def evaluate(cfg, dist):
     common.check(0 <= cfg.view_crop_min_scale <= 1,
                  f"--view-crop-min-scale must be in [0, 1], got {cfg.view_crop_min_scale}")
     rows = {}
-    for path in cfg.ckpt:
+    # --random-init adds a baseline row: the first checkpoint's architecture and data, seeded initial weights.
+    entries = ([(cfg.ckpt[0], True)] if cfg.random_init else []) + [(path, False) for path in cfg.ckpt]
+    for path, random_init in entries:
         torch.manual_seed(cfg.seed)
-        backbone, state = load_backbone(path, cfg.random_init)
-        if (cfg.export or cfg.export_detectron2) and dist.is_main:
+        backbone, state = load_backbone(path, random_init)
+        if (cfg.export or cfg.export_detectron2) and dist.is_main and not random_init:
             export_all_formats(cfg, state)
         if not cfg.stage:  # --stage "": export only
             continue
@@ -360,7 +362,7 @@ def evaluate(cfg, dist):
         per_rank = max(cfg.batch_size // dist.world_size, 1)
         val = common.make_loader(data, "val", image_size, per_rank, dist, cfg.seed, cfg.workers, shuffle=False,
                                  drop_last=False, synthetic_size=synthetic_size, load_size=load_size)
-        label = f"{path}{' (random init)' if cfg.random_init else ''}"
+        label = f"{path}{' (random init)' if random_init else ''}"
         rows[label] = {}
         if cfg.view_distance:
             # NOTE: the pretraining's BYOL view pair and crop scale (the paper: "two random data-augmented views");

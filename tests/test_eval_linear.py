@@ -26,7 +26,7 @@ def test_probe_table_random_init_and_export(tmp_path, capsys):
     assert "knn top-1 (%)" in out and "linear top-1 (%)" in out and "res2" in out
 
     random_rows = eval_linear.main(["--ckpt", ckpt, "--random-init", "--probe", "none", "--device", "cpu"])
-    assert list(random_rows) == [f"{ckpt} (random init)"]
+    assert list(random_rows) == [f"{ckpt} (random init)", ckpt]  # a baseline row, then the checkpoint
 
     export = tmp_path / "resnet18.pth"
     eval_linear.main(["--ckpt", ckpt, "--export", str(export), "--probe", "none", "--device", "cpu"])
@@ -95,9 +95,11 @@ def test_view_distance_table_one_row_per_checkpoint_one_column_per_stage(tmp_pat
     again = eval_linear.main(["--ckpt", first, "--stage", "res3", "--view-distance", "--device", "cpu",
                               "--batch-size", "16"])                 # seeded: the same views give the same numbers
     assert again[first]["res3"] == rows[first]["res3"]
-    random_rows = eval_linear.main(["--ckpt", first, "--stage", "res3", "--view-distance", "--random-init",
+    random_rows = eval_linear.main(["--ckpt", second, "--stage", "res3", "--view-distance", "--random-init",
                                     "--device", "cpu", "--batch-size", "16"])
-    assert list(random_rows) == [f"{first} (random init)"]
+    assert list(random_rows) == [f"{second} (random init)", second]  # the baseline row comes first
+    assert random_rows[second]["res3"] == rows[second]["res3"]        # and leaves the checkpoint's numbers alone
+    assert random_rows[f"{second} (random init)"]["res3"] != rows[second]["res3"]  # seed-0 init, not seed-1 weights
 
 
 def test_identical_views_have_distance_zero():
