@@ -160,8 +160,6 @@ def check_common_config(cfg, world_size):
     check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
     check(cfg.stem in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, got {cfg.stem!r}")
     check(cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}")
-    lars_form = getattr(cfg, "lars_form", "optax")
-    check(lars_form in LARS.FORMS, f"--lars-form must be one of {', '.join(LARS.FORMS)}, got {lars_form!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
