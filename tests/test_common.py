@@ -1,11 +1,13 @@
 """Shared parts: BYOL loss, schedules, LARS, EMA, kNN (methods.md §8 B1-B5, K1), augmentation, config, checkpoints."""
 
+import colorsys
 import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 import common
@@ -228,7 +230,7 @@ def test_colour_ops_match_torchvision():
                                  (common.adjust_hue, TF.adjust_hue, shifts)]:
         out = ours(x.clone(), values)
         for b in range(4):
-            torch.testing.assert_close(out[b], theirs(x[b], values[b].item()), atol=2e-3, rtol=0)
+            torch.testing.assert_close(out[b], theirs(x[b], values[b].item()), atol=1e-5, rtol=0)
 
 
 def test_grayscale_and_solarize_semantics():
@@ -241,6 +243,130 @@ def test_grayscale_and_solarize_semantics():
     images = (torch.rand(3, 3, 16, 16) * 255).to(torch.uint8)
     views = unnormalize(common.augment(images, recipe, 16, torch.Generator().manual_seed(0))[0])
     torch.testing.assert_close(views[:, 0], views[:, 1], atol=1e-5, rtol=0)
+
+
+def reference_crop_resize(images, boxes, flips, out_size, interpolation):
+    """crop_resize's definition: one affine grid per sample through grid_sample (border padding, bicubic clamped)."""
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    theta = torch.zeros(boxes.shape[0], 2, 3)
+    theta[:, 0, 0] = (x1 - x0) * (1 - 2 * flips.float())
+    theta[:, 0, 2] = x0 + x1 - 1
+    theta[:, 1, 1] = y1 - y0
+    theta[:, 1, 2] = y0 + y1 - 1
+    grid = F.affine_grid(theta, (boxes.shape[0], images.shape[1], out_size, out_size), align_corners=False)
+    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
+    return out.clamp(0, 1) if interpolation == "bicubic" else out
+
+
+def reference_color_augment(x, recipe, generator):
+    """color_augment's definition, one sample at a time with torchvision's functional ops and the same draws.
+
+    Returns (images, ambiguous): ambiguous marks pixels within 1e-4 of the solarize threshold, where rounding may
+    put the two implementations on different sides.
+    """
+    batch, size = x.shape[0], x.shape[-1]
+    u = torch.rand(batch, 12, generator=generator)
+    order = torch.argsort(torch.rand(batch, 4, generator=generator), dim=1)
+    b, c, s, h = recipe.jitter
+    kernel = common.blur_kernel_size(size)
+    images, ambiguous = [], []
+    for i, image in enumerate(x):
+        draw = u[i].tolist()
+        if draw[4] < recipe.jitter_p:
+            for op in order[i].tolist():
+                if op == 0:
+                    image = TF.adjust_brightness(image, 1 - b + 2 * b * draw[0])
+                elif op == 1:
+                    image = TF.adjust_contrast(image, 1 - c + 2 * c * draw[1])
+                elif op == 2:
+                    image = TF.adjust_saturation(image, 1 - s + 2 * s * draw[2])
+                else:
+                    image = TF.adjust_hue(image, -h + 2 * h * draw[3])
+        if draw[5] < recipe.gray_p:
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        sigma = (recipe.blur_sigma[0] + (recipe.blur_sigma[1] - recipe.blur_sigma[0]) * draw[6]) * size / 224
+        if kernel > 1 and draw[7] < recipe.blur_p:
+            image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+        solarized = draw[8] < recipe.solarize_p
+        ambiguous.append(((image - 0.5).abs() < 1e-4) & solarized)
+        images.append(TF.solarize(image, 0.5) if solarized else image)
+    return torch.stack(images), torch.stack(ambiguous)
+
+
+ALL_ON = dataclasses.replace(common.BYOL_VIEWS[1], jitter_p=1.0, gray_p=1.0, blur_p=1.0, solarize_p=1.0)
+JITTER_ON = dataclasses.replace(ALL_ON, gray_p=0.0)
+GRAY_ON = dataclasses.replace(common.BYOL_VIEWS[1], gray_p=1.0, blur_p=0.5, solarize_p=0.5)  # later ops on subsets
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("channels,height,width,out_size", [(3, 64, 64, 64), (3, 48, 48, 24), (5, 13, 29, 17)])
+def test_crop_resize_matches_grid_sample(interpolation, channels, height, width, out_size):
+    """The separable matmuls (CPU) against grid_sample, with values outside [0, 1] as in feature maps (DenseSiam)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(8, channels, height, width, generator=generator) * 3 - 1
+    boxes = common.sample_crop_boxes(8, height, width, (0.08, 1.0), (3 / 4, 4 / 3), generator, "cpu")
+    boxes[0] = torch.tensor([0.0, 0.0, 1.0, 1.0])        # whole image
+    boxes[1] = torch.tensor([-0.2, -0.1, 1.3, 1.1])      # beyond the borders: taps clamped to the edge
+    boxes[2] = torch.tensor([0.9, 0.95, 0.93, 1.0])      # a few pixels, strongly enlarged
+    for flips in (torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool), torch.arange(8) % 3 == 0):
+        expected = reference_crop_resize(images, boxes, flips, out_size, interpolation)
+        out = common.crop_resize(images, boxes, flips, out_size, interpolation)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("height,width,kernel_size", [(64, 64, 7), (13, 18, 7), (9, 9, 3)])
+def test_gaussian_blur_matches_torchvision(height, width, kernel_size):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, height, width, generator=generator)
+    sigma = torch.tensor([0.03, 0.3, 0.7, 1.2, 2.5])
+    expected = torch.stack([TF.gaussian_blur(image, [kernel_size] * 2, [value] * 2)
+                            for image, value in zip(x, sigma.tolist())])
+    torch.testing.assert_close(common.gaussian_blur(x, sigma, kernel_size), expected, atol=1e-5, rtol=0)
+
+
+def test_adjust_hue_matches_colorsys():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 6, 7, generator=generator)
+    for column, rgb in enumerate([(0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (1.0, 1.0, 0.2), (0.3, 0.9, 0.9),
+                                  (0.9, 0.3, 0.9), (1.0, 0.0, 0.0)]):  # gray, black, ties for the max, saturated
+        x[0, :, :, column] = torch.tensor(rgb).view(3, 1)
+    shift = torch.tensor([-0.5, -0.13, 0.07, 0.5])
+    expected = torch.empty_like(x)
+    for b in range(4):
+        for i in range(6):
+            for j in range(7):
+                hue, saturation, value = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
+                rgb = colorsys.hsv_to_rgb((hue + shift[b].item()) % 1.0, saturation, value)
+                expected[b, :, i, j] = torch.tensor(rgb)
+    torch.testing.assert_close(common.adjust_hue(x, shift), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [24, 33])
+@pytest.mark.parametrize("recipe", [*common.BYOL_VIEWS, ALL_ON, JITTER_ON, GRAY_ON, common.GEOMETRY_ONLY],
+                         ids=["byol1", "byol2", "all-on", "jitter-on", "gray-on", "all-off"])
+def test_color_augment_matches_per_sample_torchvision(recipe, size):
+    """Fused jitter passes and per-subset ops = torchvision's ops one sample at a time, same draws, same order."""
+    x = torch.rand(12, 3, size, size, generator=torch.Generator().manual_seed(size))
+    before = x.clone()
+    out = common.color_augment(x, recipe, torch.Generator().manual_seed(1))
+    expected, ambiguous = reference_color_augment(x, recipe, torch.Generator().manual_seed(1))
+    assert torch.equal(x, before)  # DenseSiam colours the same pixels twice
+    assert ambiguous.float().mean() < 1e-3
+    torch.testing.assert_close(out[~ambiguous], expected[~ambiguous], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", common.BYOL_VIEWS, ids=["byol1", "byol2"])
+def test_augment_matches_reference_pipeline(recipe):
+    """Same draws in the same order: boxes, flips, crop, colour, normalise."""
+    images = (torch.rand(16, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    views, boxes, flips = common.augment(images, recipe, 33, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    expected_boxes = common.sample_crop_boxes(16, 40, 40, recipe.crop_scale, recipe.crop_ratio, generator, "cpu")
+    expected_flips = torch.rand(16, generator=generator) < recipe.flip_p
+    crops = reference_crop_resize(images.float() / 255, expected_boxes, expected_flips, 33, recipe.interpolation)
+    expected, ambiguous = reference_color_augment(crops, recipe, generator)
+    assert torch.equal(boxes, expected_boxes) and torch.equal(flips, expected_flips)
+    torch.testing.assert_close(unnormalize(views)[~ambiguous], expected[~ambiguous], atol=1e-5, rtol=0)
 
 
 def test_augmentation_is_a_function_of_the_generator_seed():
