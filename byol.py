@@ -9,6 +9,10 @@ image. No negatives: the predictor, the stop-gradient and the EMA target keep th
     loss = l(p1, sg z'2) + l(p2, sg z'1),    l(p, z) = || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)      (range [0, 8])
     xi <- tau xi + (1 - tau) theta,          tau(k) = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
 
+NOTE: the CPU default trains the predictor at 10x the lr (--predictor-lr-mult 10; the presets keep the paper's 1x).
+BYOL argues that the predictor should stay near-optimal for the current target; on the built-in data, 120 steps at
+1x lowered the kNN accuracy below random init (68.6 -> 61.9 %), and at 10x raised it (68.6 -> 74.4 %).
+
 This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.py, lewel.py and mcl.py copy its
 skeleton (config -> model -> loss -> train loop -> main) and differ only where the method differs.
 
@@ -58,6 +62,7 @@ class Config:
     weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1.5e-6 (1000 ep), 1e-6 otherwise
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
     tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: 0.99 (300 ep), 0.996 (1000 ep)
+    predictor_lr_mult: float = 10.0  # predictor lr = this x the lr; paper: 1 (presets). NOTE in the docstring
     # run
     seed: int = 0
     out: str = "runs/byol"           # checkpoints, metrics.jsonl
@@ -75,14 +80,17 @@ class Config:
 PRESETS = {
     # BYOL paper recipe (Sec. 3.3, Appendix C; methods.md §1.4): LARS, 4096 global batch, 10-epoch warmup, cosine.
     "imagenet": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=300, base_lr=0.3,
-                     weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10),
+                     weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+                     predictor_lr_mult=1.0),
     "imagenet-100ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=100,
-                           base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10),
+                           base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+                           predictor_lr_mult=1.0),
     "imagenet-1000ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=1000,
-                            base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10),
+                            base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10,
+                            predictor_lr_mult=1.0),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
-                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10),
+                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
 }
 
 
@@ -143,7 +151,8 @@ def train(cfg, dist):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay, {"predictor": cfg.predictor_lr_mult}),
+                            lr=peak_lr)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
@@ -196,7 +205,7 @@ def train(cfg, dist):
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
             tau = cosine_tau(step, total_steps, cfg.tau_base)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_mult"]
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)

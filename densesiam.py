@@ -529,8 +529,8 @@ def make_synthetic_segmentation(num_images, image_size=64, seed=0, num_things=3,
     from local colour and texture, which is what unsupervised segmentation can discover; per-image nuisances
     (brightness, colour shift, stripe phase, noise, layout) vary. Classes 0..num_things-1 are things, the rest stuff
     (COCO-Stuff-27 also lists its 12 things first). Deterministic from `seed`.
-    NOTE: common.make_synthetic draws one labelled shape per image with colours that carry no class information;
-    segmentation needs per-pixel labels and class-specific appearance, hence this generator.
+    NOTE: common.make_synthetic labels whole images (one scene per class); segmentation needs per-pixel labels and
+    class-specific appearance, hence this generator.
     Returns (images N x 3 x S x S uint8, labels N x S x S int64 in [0, num_things + num_stuff)).
     """
     generator = torch.Generator().manual_seed(seed)

@@ -80,6 +80,7 @@ class Config:
     weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1e-6
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
     tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: "as BYOL" (0.99 for 100-300 ep)
+    predictor_lr_mult: float = 10.0  # lr factor of every predictor; paper: 1 (presets). NOTE: 10 on CPU, see byol.py
     # run
     seed: int = 0
     out: str = "runs/ladder_byol"    # checkpoints, metrics.jsonl
@@ -95,7 +96,8 @@ class Config:
 
 
 _IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45,
-                 weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10)
+                 weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+                 predictor_lr_mult=1.0)
 PRESETS = {
     # Sec. 4.1: LARS, batch 4096, lr 7.2 (= 0.45 * 4096 / 256), wd 1e-6, cosine, 100 / 200 epochs; the rest as BYOL
     # (10 warmup epochs, tau_base 0.99). NOTE: the paper does not state warmup or tau_base; these are BYOL's.
@@ -105,7 +107,7 @@ PRESETS = {
     "imagenet-dense-100ep": dict(_IMAGENET, epochs=100, dense_stages=("res2", "res3")),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
-                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10),
+                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
 }
 
 
@@ -267,7 +269,8 @@ def train(cfg, dist):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr)
+    predictor_lr_mults = {"predictor": cfg.predictor_lr_mult, "dense_predictor": cfg.predictor_lr_mult}
+    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay, predictor_lr_mults), lr=peak_lr)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
@@ -324,7 +327,7 @@ def train(cfg, dist):
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
             tau = cosine_tau(step, total_steps, cfg.tau_base)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_mult"]
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)

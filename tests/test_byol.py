@@ -137,3 +137,15 @@ def test_unwritable_output_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         byol.main(TINY + ["--out", str(blocker / "sub")])
     assert "not writable" in capsys.readouterr().err
+
+
+def test_predictor_learning_rate_factor(tmp_path):
+    """The CPU default trains the predictor at 10x the lr; the paper presets keep 1x."""
+    assert byol.Config().predictor_lr_mult == 10.0
+    for name in byol.PRESETS:
+        assert common.parse_config(byol.Config, byol.PRESETS, ["--preset", name]).predictor_lr_mult == 1.0
+    byol.main(["--out", str(tmp_path)] + TINY)
+    groups = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    base = [g["lr"] for g in groups if g["lr_mult"] == 1.0]
+    assert len(groups) == 4 and len(set(base)) == 1 and base[0] > 0
+    assert all(g["lr"] == 10.0 * base[0] for g in groups if g["lr_mult"] == 10.0)

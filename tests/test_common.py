@@ -107,6 +107,17 @@ def test_lars_excludes_biases_and_norm_parameters():
     assert excluded["weight_decay"] == 0.0 and not excluded["lars"] and len(excluded["params"]) == 4
 
 
+def test_lars_groups_with_a_learning_rate_factor_per_module():
+    model = nn.ModuleDict(dict(backbone=nn.Linear(4, 4), head=nn.ModuleDict(dict(predictor=nn.Sequential(
+        nn.Linear(4, 4), nn.BatchNorm1d(4)))), predictor2=nn.Linear(4, 4)))  # "predictor2" is another module
+    groups = common.lars_param_groups(model, 1e-6, {"predictor": 10.0})
+    summary = [(g["lr_mult"], g["lars"], g["weight_decay"], len(g["params"])) for g in groups]
+    assert summary == [(1.0, True, 1e-6, 2), (1.0, False, 0.0, 2), (10.0, True, 1e-6, 1), (10.0, False, 0.0, 3)]
+    predictor = {id(p) for p in model["head"]["predictor"].parameters()}
+    assert all((id(p) in predictor) == (g["lr_mult"] == 10.0) for g in groups for p in g["params"])
+    assert all(g["lr_mult"] == 1.0 for g in common.lars_param_groups(model, 1e-6))
+
+
 # --- B5: target network and EMA -------------------------------------------------------------------------------------
 
 def test_b5_target_copy_and_ema_formula():

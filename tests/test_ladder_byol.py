@@ -226,3 +226,10 @@ def test_bad_flags(tmp_path, capsys, args, message):
         ladder_byol.main(["--out", str(tmp_path)] + TINY + args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_predictor_learning_rate_factor_defaults():
+    """10x on the CPU default (as byol.py), 1x in every paper preset; the predictors are the modules it applies to."""
+    assert ladder_byol.Config().predictor_lr_mult == 10.0
+    for name in ladder_byol.PRESETS:
+        assert common.parse_config(ladder_byol.Config, ladder_byol.PRESETS, ["--preset", name]).predictor_lr_mult == 1.0
