@@ -167,6 +167,7 @@ def train(cfg, dist):
 
     ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
     online_forward, target_forward = ddp_model, (lambda views: [embed(target, view) for view in views])
+    common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
     if cfg.compile:
         online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)
 

@@ -773,6 +773,7 @@ def train(cfg, dist):
     ddp_model = (DistributedDataParallel(model, find_unused_parameters=region_switches_on) if dist.world_size > 1
                  else model)
     online_forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+    common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
 
     common.print_run_header("densesiam", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
                                                         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -897,6 +898,7 @@ def train_seg(cfg, dist):
     ddp_model = (DistributedDataParallel(model, find_unused_parameters=region_switches_on) if dist.world_size > 1
                  else model)
     online_forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+    common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
 
     w_dense, w_aux = auto_loss_weights(cfg.num_classes, cfg.num_aux_classes)
     common.print_run_header("densesiam --task seg", cfg, dist, dict(

@@ -3,6 +3,8 @@
 import colorsys
 import dataclasses
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -457,3 +459,19 @@ def test_atomic_checkpoint_and_clear_errors(tmp_path):
         common.load_checkpoint(path)
     with pytest.raises(common.InputError, match="does not exist"):
         common.load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_colour_ops_match_eager():
+    """--compile swaps in compiled jitter ops: same views as eager (the subsets change size: dynamic shapes)."""
+    images = common.make_synthetic(24, 32, seed=5)[0]
+    try:
+        views = {}
+        for compiled in (False, True):
+            common.compile_colour_ops(compiled)
+            views[compiled] = [common.augment(images[:n], common.BYOL_VIEWS[0], 32,
+                                              torch.Generator().manual_seed(n))[0] for n in (24, 17)]
+        for eager, fused in zip(views[False], views[True]):
+            torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
+    finally:
+        common.compile_colour_ops(False)
