@@ -83,6 +83,14 @@ def test_short_training_learns_view_invariance(tmp_path):
     assert trained_gap > 1.5 * random_gap > 0, (trained_gap, random_gap)
 
 
+def test_default_run_beats_random_init_on_knn(tmp_path):
+    """The README's quick start, as is (about 4 minutes on 2 cores): `python byol.py` on the built-in data lifts the
+    kNN top-1 of the frozen backbone clearly above its random-init value (measured: 66.4 -> 73.8 %)."""
+    byol.main(["--out", str(tmp_path), "--device", "cpu", "--knn-every", "6"])
+    knn = [json.loads(line)["knn_top1"] for line in open(tmp_path / "metrics.jsonl") if "knn_top1" in line]
+    assert len(knn) == 2 and knn[1] > knn[0] + 3.0, knn
+
+
 def run_cli(*args, cwd=ROOT):
     result = subprocess.run([sys.executable, "byol.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
     return result.returncode, result.stderr.strip().splitlines()
