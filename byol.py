@@ -78,7 +78,7 @@ class Config:
 
 
 PRESETS = {
-    # BYOL paper recipe (Sec. 3.3, Appendix C; methods.md §1.4): LARS, 4096 global batch, 10-epoch warmup, cosine.
+    # BYOL paper recipe (Sec. 3.3, Appendix C; deepmind-research byol/configs/byol.py): LARS, 4096 global batch, 10-epoch warmup, cosine.
     "imagenet": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=300, base_lr=0.3,
                      weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
                      predictor_lr_mult=1.0),

@@ -294,7 +294,8 @@ class ResNetTrunk(nn.Module):
 
 
 def mlp(in_dim, hidden_dim=4096, out_dim=256):
-    """BYOL projector/predictor: Linear -> BN -> ReLU -> Linear (methods.md §1.1)."""
+    """BYOL projector/predictor: Linear -> BN -> ReLU -> Linear (BYOL Sec. 3.3;
+    google-deepmind/deepmind-research byol/utils/networks.py)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
 
@@ -327,7 +328,8 @@ def global_pool(feature_map):
 
 @dataclasses.dataclass(frozen=True)
 class ViewRecipe:
-    """One view's augmentation recipe. Defaults = BYOL view 1 (methods.md §1.5)."""
+    """One view's augmentation recipe. Defaults = BYOL view 1 (BYOL Appendix B, Table 6;
+    google-deepmind/deepmind-research byol/utils/augmentations.py)."""
     crop_scale: tuple = (0.08, 1.0)       # area fraction of the input image
     crop_ratio: tuple = (3 / 4, 4 / 3)    # aspect ratio range (log-uniform)
     interpolation: str = "bicubic"        # bicubic (BYOL) or bilinear (LEWEL, MCL, MoCo v2)
@@ -1196,7 +1198,8 @@ def cuda_setup(dist):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# kNN monitor and feature extraction (weighted kNN, k=200, T=0.1, cosine; methods.md §1.6)
+# kNN monitor and feature extraction (weighted kNN, k=200, T=0.1, cosine; Wu et al. 2018
+# "Unsupervised feature learning via non-parametric instance discrimination", Sec. 3.4)
 # ---------------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
