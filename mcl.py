@@ -248,15 +248,19 @@ def tile_windows_roi(feature, ratio, tile_pixels, stride, cells):
     """RoIAlign region features, for tiles that do not sit on the feature lattice.
 
     Boxes are the tiles' pixel boxes in the montage; spatial_scale = 1 / stride of this pyramid level; output
-    cells x cells per tile, in the same row-major order as tile_windows.
+    cells x cells per tile, in the same row-major order as tile_windows, in the feature's dtype.
+    The RoIs (batch index and box) stay float32 and RoIAlign runs in float32: bf16 rounds integers above 256
+    (257 -> 256), so a bf16 batch index would make a tile read another montage's features.
     """
     montages, device = feature.shape[0], feature.device
     row, col = torch.meshgrid(torch.arange(ratio, device=device), torch.arange(ratio, device=device), indexing="ij")
     x0, y0 = (col.reshape(-1) * tile_pixels).float(), (row.reshape(-1) * tile_pixels).float()
     boxes = torch.stack([x0, y0, x0 + tile_pixels, y0 + tile_pixels], dim=1)                 # r^2 x 4
     index = torch.arange(montages, device=device).repeat_interleave(ratio * ratio).float()
-    rois = torch.cat([index[:, None], boxes.repeat(montages, 1)], dim=1).to(feature.dtype)  # (M*r^2) x 5
-    return roi_align(feature, rois, output_size=cells, spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
+    rois = torch.cat([index[:, None], boxes.repeat(montages, 1)], dim=1)                     # (M*r^2) x 5, fp32
+    windows = roi_align(feature.float(), rois, output_size=cells, spatial_scale=1.0 / stride, sampling_ratio=2,
+                        aligned=True)
+    return windows.to(feature.dtype)
 
 
 def region_windows(feature, ratio, tile_pixels, stride):

@@ -108,6 +108,22 @@ def test_roi_windows_follow_tile_order():
         assert torch.allclose(interior[tile], torch.full_like(interior[tile], float(tile)))
 
 
+def test_roi_windows_read_their_own_montage_beyond_256_under_bf16_autocast():
+    """bf16 holds integers exactly only up to 256 (257 rounds to 256): the RoI batch index must stay float32.
+
+    262 montages of 2 x 2 tiles (10 px, stride 2: 5-px tiles sit off the lattice, so RoIAlign runs); montage m is
+    constant m % 64 (exact in bf16, and 256 -> 0 differs from 257 -> 1). Every tile must read its own montage.
+    """
+    montages = 262
+    values = torch.arange(montages) % 64
+    feature = values.view(-1, 1, 1, 1).expand(montages, 1, 5, 5).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        windows = mcl.region_windows(feature, ratio=2, tile_pixels=5, stride=2)
+    assert windows.shape == (montages * 4, 1, 2, 2)
+    expected = values.repeat_interleave(4).float()                      # tile m * 4 + i lies in montage m
+    assert torch.equal(windows.float().mean(dim=(1, 2, 3)), expected)
+
+
 def test_montage_tiles_land_in_their_windows():
     # End to end on the lattice: a montage of index images used as its own (stride-1) feature map.
     images = index_images(8, 16)
