@@ -321,6 +321,51 @@ def test_one_training_step_per_mode(mode):
     assert not missing, missing
 
 
+class StampedPyramid(torch.nn.Module):
+    """Stands in for the FPN: P_k (shaped like res_k) holds the constant 1000 k + n on stack row n."""
+
+    def forward(self, maps):
+        pyramid = {}
+        for stage, feature in maps.items():
+            k = int(stage[len("res"):])
+            rows = torch.arange(feature.shape[0], dtype=torch.float32).view(-1, 1, 1, 1)
+            pyramid[f"p{k}"] = (1000 * k + rows).expand(-1, 1, *feature.shape[-2:])
+        return pyramid
+
+
+class WindowMean(torch.nn.Module):
+    """Stands in for the region head: a window's mean (K x 1), so an embedding says which map and row it read."""
+
+    def forward(self, windows):
+        return windows.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("stem, image_size", [("imagenet", 32), ("cifar", 16)])
+def test_forward_reads_level_s_from_p5_minus_s(stem, image_size):
+    """Sec. 3.2: tiles downsampled by 2^s are read from P(5-s). Through MCL.forward (both branches) and the
+    target's embed_levels, every level-s tile embedding must come from P(5-s), row = its own montage."""
+    cfg = common.parse_config(mcl.Config, mcl.PRESETS, TINY + ["--stem", stem, "--image-size", str(image_size)])
+    torch.manual_seed(0)
+    model = mcl.MCL(cfg)
+    model.fpn, model.head = StampedPyramid(), WindowMean()
+    model.predictors = torch.nn.ModuleList([torch.nn.Identity() for _ in model.predictors])
+    batch = 8
+    counts = mcl.montage_counts(batch, cfg.level_copies)                      # [8, 2, 1, 1]
+    geometry = (image_size, mcl.P5_STRIDE[stem])
+    stacks = [torch.zeros(sum(counts), 3, image_size, image_size) for _ in range(2)]
+    with torch.no_grad():
+        predictions = model(stacks, counts, geometry)
+        target_embeddings = mcl.embed_levels(model, stacks[0], counts, geometry, range(4))
+    for embeddings in predictions + [target_embeddings]:
+        first_row = 0
+        for s, count in enumerate(counts):
+            tiles_per_montage = 4 ** s
+            expected = [1000 * (5 - s) + first_row + tile // tiles_per_montage
+                        for tile in range(count * tiles_per_montage)]
+            assert embeddings[s][:, 0].tolist() == expected, f"level {s}"
+            first_row += count
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     states = run_two_processes("mcl", TINY + ["--mode", "c"], str(tmp_path))
     assert_same_parameters(states)
