@@ -9,15 +9,27 @@ InfoNCE pulls u towards v of the same source image and pushes it from v of every
 
     u_s = h_s(g(f(I_s))),  v_t = g'(f'(I'_t))                                                             (Eq. 1)
     L_u = -log exp(u.v+/T) / sum_v exp(u.v/T)                         v over every image's target of level t  (Eq. 2)
-    L   = sum over (s, t) in mode of  w_s * 2T * mean L_u(s -> t)   +  the same with branches swapped (L_u + L_v)
+    L   = sum over (s, t) in mode of  (w_s / n_s) * 2T * mean L_u(s -> t)  +  branches swapped
+          (L = L_u + L_v; n_s = number of target levels t of s: 1 in modes a, b; 1-2 in c; S in d)
     modes (Sec. 3.3, Fig. 3): a = every level -> level 0 (the official code), b = s -> s, c = s -> s +- 1, d = all
     xi <- tau xi + (1 - tau) theta,  tau(k) = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
 
-Method defaults follow the official config (methods.md §7): 4 levels (ratios 1, 2, 4, 8; tiles per image 1, 1, 1, 2),
-level weights 1/2, 1/4, 1/8, 1/8, T = 1 with the x2T factor, head MLP 2048 -> 256 wide; --preset imagenet adds the
-paper's recipe (ResNet-50, 224 px, FPN 256 channels, LARS lr 16 at batch 4096, wd 1e-5, 100 epochs). The CPU defaults
-use 32-px images and an FPN of 128 channels (at 256 the FPN alone costs more than the ResNet-18 at 32 px).
-Where this file departs from the paper or the official code it says so in a NOTE.
+Official code: github.com/GuoQiushan/MCL @ 1912aa9 (the paths below are in that repository).
+Defaults follow its configs/selfsup/MCL/MCL.py: 4 levels (downsample ratios 1, 2, 4, 8), head MLP
+2048 -> 256 wide; --preset imagenet adds the paper's recipe (ResNet-50, 224 px, FPN 256 channels,
+LARS lr 16 at batch 4096, wd 1e-5, 100 epochs). The CPU defaults use 32-px images and an FPN of 128
+channels (at 256 the FPN alone costs more than the ResNet-18 at 32 px).
+NOTE: from the official code, not the paper:
+  - tiles per image 1, 1, 1, 2: the last level holds each image twice (MCL.py batch_sizes 128/32/8/4
+    montages for 128 images); the paper's Alg. 1 makes B / ratio^2 montages: one tile per image.
+  - one predictor h_s per level (openselfsup/models/heads/latent_pred_head.py,
+    LatentMultiPredictContrastHead with head_num = 4); the paper's Eq. 1 has a single h.
+  - level weights w_s = 1/2, 1/4, 1/8, 1/8 and T = 1 with the x2T factor (MCL.py loss_weight and T;
+    latent_pred_head.py multiplies the loss by 2T * w_s); the paper gives neither weights nor T.
+NOTE: the official code has mode a only (openselfsup/models/mcl.py, forward_train), where n_s = 1.
+Dividing w_s by n_s in modes c and d is ours: each level keeps its total weight w_s in every mode
+(the paper gives no weights for those modes).
+Where else this file departs from the paper or the official code it says so in a NOTE.
 
 Commands:
     python mcl.py                                    # built-in synthetic data, CPU-sized defaults, ~5 min on 2 cores
@@ -65,9 +77,9 @@ class Config:
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: SyncBN
     # method
     mode: str = "a"                  # matching mode a|b|c|d (Sec. 3.3); paper default and official code: a
-    level_weights: tuple = (0.5, 0.25, 0.125, 0.125)  # w_s per level (its length = number of levels, at most 4)
-    level_copies: tuple = (1, 1, 1, 2)                 # tiles per image at each level; level 0 = the full images
-    temperature: float = 1.0         # InfoNCE T (the loss is scaled by 2T); official config: 1.0
+    level_weights: tuple = (0.5, 0.25, 0.125, 0.125)  # w_s; length = levels (<= 4); paper: none
+    level_copies: tuple = (1, 1, 1, 2)                 # tiles per image; paper Alg. 1: all 1
+    temperature: float = 1.0         # InfoNCE T, loss x 2T; official: 1.0; paper: none
     # optimisation
     epochs: int = 8                  # paper: 100
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
@@ -92,7 +104,7 @@ class Config:
 
 
 PRESETS = {
-    # Paper Sec. 4.1 + official configs/selfsup/MCL/MCL.py (methods.md §7): LARS, 4096 global batch (32 x 128),
+    # Paper Sec. 4.1 + official configs/selfsup/MCL/MCL.py: LARS, 4096 global batch (32 x 128),
     # lr 1.0 * B / 256 = 16, wd 1e-5, 10-epoch warmup, cosine to 1e-4, EMA 0.99 -> 1, 100 epochs.
     "imagenet": dict(crop_min_scale=0.2, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096,
                      epochs=100, base_lr=1.0, final_lr=1e-4, weight_decay=1e-5, warmup_epochs=10.0, tau_base=0.99,
@@ -130,7 +142,8 @@ def montage_counts(batch, level_copies):
 
     Level 0 is the full images; level s > 0 tiles ratio x ratio sub-images (ratio = 2^s) into each montage and holds
     level_copies[s] tiles per image. The official config (N = 128 per GPU, batch_sizes 128/32/8/4) is
-    level_copies (1, 1, 1, 2): 128, 128, 128 and 256 tiles, 172 network inputs per branch (cross-check X4).
+    level_copies (1, 1, 1, 2): 128, 128, 128 and 256 tiles, 172 network inputs per branch.
+    The paper's Alg. 1 (B / ratio^2 montages) is level_copies (1, 1, 1, 1).
     NOTE: we round the montage count up so every image appears at least level_copies[s] times even when N * copies
     is not a multiple of ratio^2 (tiny CPU batches); the official code only runs with exact multiples.
     """
@@ -149,8 +162,8 @@ def assemble_montages(views, ratio, num_montages, generator=None, order=None):
     (m, row, col) holds views[tile_ids[m*ratio^2 + row*ratio + col]].
     The shuffle is a random permutation of the M*ratio^2 slots taken modulo B (official `random_combine_img`), so
     image i appears ceil((M*ratio^2 - i) / B) times. `order` replaces the permutation (tests).
-    NOTE: nearest-neighbour downsampling, as the official code (F.interpolate default; cross-check X3); it aliases,
-    which the paper does not discuss.
+    NOTE: nearest-neighbour downsampling, as the official code (F.interpolate default in
+    random_combine_img, openselfsup/models/mcl.py); it aliases, which the paper does not discuss.
     """
     batch, channels, height, width = views.shape
     slots = num_montages * ratio * ratio
@@ -233,7 +246,7 @@ class FPN(nn.Module):
 
 
 def tile_windows(feature, ratio):
-    """Exact region features: cut each montage's map into its ratio x ratio tile windows, row-major (X4).
+    """Exact region features: cut each montage's map into its ratio x ratio tile windows, row-major.
 
     feature: M x C x (ratio*k) x (ratio*k) -> (M*ratio^2) x C x k x k; window m*ratio^2 + row*ratio + col is tile
     (m, row, col), the same order as assemble_montages' tile_ids.
@@ -278,7 +291,7 @@ def region_windows(feature, ratio, tile_pixels, stride):
 
 
 class RegionHead(nn.Module):
-    """Official `DetConvGpNonLinearHead` (methods.md §7), shared by all levels and applied to each window alone.
+    """Official `DetConvGpNonLinearHead` (openselfsup/models/necks.py), shared by all levels.
 
     4 x [3x3 conv (no bias) + BN + ReLU] on the window (zero padding at the window border: windows are cut before
     the convs) -> average pool -> Linear -> BN1d -> ReLU -> Linear -> BN1d(affine=False).
@@ -310,6 +323,8 @@ class MCL(nn.Module):
         self.backbone = common.ResNetTrunk(cfg.arch, cfg.stem)
         self.fpn = FPN(self.backbone.channels, cfg.fpn_dim, num_levels)
         self.head = RegionHead(cfg.fpn_dim, cfg.hidden_dim, cfg.proj_dim, cfg.head_convs)
+        # NOTE: one predictor per level, as the official LatentMultiPredictContrastHead (head_num
+        # = 4, openselfsup/models/heads/latent_pred_head.py); the paper's Eq. 1 has a single h.
         # NOTE: PyTorch default init; the official predictors use normal(0, 0.01) weights.
         self.predictors = nn.ModuleList([mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim) for _ in range(num_levels)])
 
@@ -385,7 +400,7 @@ def per_image_keys(embeddings, image_ids, num_images):
 
 
 def info_nce(predictions, keys, labels, temperature):
-    """Eq. 2 averaged over predictions, times 2 * temperature (the official scaling; cross-check X1).
+    """Eq. 2 averaged over predictions, times 2T (the official scaling, latent_pred_head.py).
 
     predictions K x D (online, any norm), keys M x D (l2-normalised targets of every rank), labels K: index of the
     positive key. Negatives are all other keys. Computed in float32.
@@ -402,9 +417,10 @@ def mcl_loss(predictions, keys, tile_ids, pairs, level_weights, temperature, off
     tile_ids[branch][s]: local image id of every level-s tile (K_s,); offset = rank * N turns it into the global key
     index (official: gt + N * rank).
     Each online level s of one branch is matched to the other branch's keys at every target level t of `pairs`:
-    loss_(s,t) = w_s / (number of targets of s) * 2T * CE(cos / T).
-    NOTE: splitting w_s over a level's targets keeps the paper's level weights comparable across modes (modes a and
-    b have one target per level, so nothing changes there); the paper does not give weights for modes c and d.
+    loss_(s,t) = (w_s / n_s) * 2T * CE(cos / T), n_s = number of target levels of s in `pairs`.
+    NOTE: splitting w_s over a level's targets keeps each level's total weight w_s in every mode (modes a and
+    b have one target per level, so nothing changes there); neither the paper nor the official code (mode a
+    only) gives weights for modes c and d.
     Returns (total loss, {"s->t": that pair's loss summed over both directions, detached}).
     """
     targets_of = Counter(s for s, _ in pairs)
@@ -464,7 +480,7 @@ def train(cfg, dist):
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
-    # NOTE: official pipelines = BYOL's two recipes with bilinear resize and crop scale (0.2, 1) (methods.md §1.5, §7):
+    # NOTE: official pipelines (configs/selfsup/MCL/MCL.py) = BYOL's recipes, bilinear, crop 0.2-1:
     # branch "q" (views 0-3: blur 1.0, solarize 0) and branch "k" (views 4-7: blur 0.1, solarize 0.2), one per level.
     recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0), interpolation="bilinear")
                for recipe in common.BYOL_VIEWS]

@@ -1,5 +1,6 @@
 """MCL: montage assembly, region windows, matching modes and the multi-level InfoNCE (methods.md §7, §8 X1-X5)."""
 import math
+import os
 
 import pytest
 import torch
@@ -229,6 +230,33 @@ def test_mode_a_is_the_official_formula():
     assert torch.allclose(total, expected, atol=1e-6)
     total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for branch in predictions for p in branch)
+
+
+def test_modes_c_and_d_weigh_each_pair_w_s_over_n_s_as_documented():
+    """L = sum over (s, t) of (w_s / n_s) * 2T * CE, n_s = the number of target levels of s; the module docstring
+    and the README's formula must state that same formula."""
+    torch.manual_seed(0)
+    batch, levels, tau = 6, 3, 0.5
+    weights = (0.5, 0.3, 0.2)
+    tile_ids = [make_tile_ids(batch, levels, (1, 1, 2), seed) for seed in (6, 7)]
+    predictions = [[torch.randn(len(ids), 8) for ids in branch] for branch in tile_ids]
+    keys = [[F.normalize(torch.randn(batch, 8), dim=1) for _ in range(levels)] for _ in range(2)]
+    targets_of = {"c": {0: [1], 1: [0, 2], 2: [1]}, "d": {s: [0, 1, 2] for s in range(levels)}}
+    for mode, targets in targets_of.items():
+        total, _ = mcl.mcl_loss(predictions, keys, tile_ids, mcl.matching_pairs(mode, levels), weights, tau, 0)
+        expected = 0.0
+        for b in range(2):
+            for s in range(levels):
+                rows = torch.arange(len(tile_ids[b][s]))
+                for t in targets[s]:
+                    logits = F.normalize(predictions[b][s], dim=1) @ keys[1 - b][t].T / tau
+                    nll = -logits.log_softmax(dim=1)[rows, tile_ids[b][s]].mean()
+                    expected = expected + weights[s] / len(targets[s]) * 2 * tau * nll
+        assert torch.allclose(total, expected, atol=1e-6), mode
+    assert "(w_s / n_s) * 2T" in mcl.__doc__
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as readme:
+        row = next(line for line in readme if line.startswith("| `mcl.py`"))
+    assert "(w_s/n_s)·2T" in row and "n_s" in row.split("(w_s/n_s)·2T")[1]      # n_s is defined there too
 
 
 # ---------------------------------------------------------------------------------------------------------------------
