@@ -60,7 +60,8 @@ from common import InputError, augment, cosine_tau, ema_update, lr_at, mlp, prin
 class Config:
     """MCL pretraining. Defaults are sized for a 2-core CPU on the built-in data; --preset imagenet is the paper."""
     # data
-    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
+    val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
     image_size: int = 32             # px of each augmented view and montage; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
@@ -314,7 +315,8 @@ class MCL(nn.Module):
     """Online network: backbone -> FPN -> region head (shared by levels) -> one predictor per level.
 
     The target copies backbone + FPN + head. Attribute names are the checkpoint key prefixes a detector export
-    selects (backbone., fpn., head.; see detector_state_dict).
+    selects (backbone., fpn., head.: eval_linear.py --export / --export-detectron2; the paper transfers all
+    three, Tab. 10e).
     """
 
     def __init__(self, cfg):
@@ -443,29 +445,6 @@ def target_keys(target_embeddings, tile_ids, batch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Export for detector transfer (the paper transfers backbone, FPN and head: Tab. 10e)
-# ---------------------------------------------------------------------------------------------------------------------
-
-DETECTOR_PREFIXES = ("backbone.", "fpn.", "head.")
-
-
-def detector_state_dict(model_state, prefix=""):
-    """Flat {name: tensor} of the modules a detector reuses: backbone.*, fpn.*, head.* of the online network.
-
-    model_state: a checkpoint's "model" entry (the online network's state_dict), optionally nested under `prefix`.
-    Works from key prefixes alone, so eval_linear.py can do the same without importing this file. Detectron2 names
-    (Mask R-CNN R50-FPN, 4conv1fc box head): fpn.lateral.pK.conv -> backbone.fpn_lateralK, .norm -> .norm;
-    fpn.output.pK -> backbone.fpn_outputK; head.convs.i.conv -> roi_heads.box_head.conv{i+1}; head.mlp is not
-    transferred (the official converter keeps only the convs).
-    """
-    flat = {}
-    for key, value in model_state.items():
-        if key.startswith(prefix) and key[len(prefix):].startswith(DETECTOR_PREFIXES):
-            flat[key[len(prefix):]] = value
-    return flat
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Train loop
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -534,6 +513,8 @@ def train(cfg, dist):
         common.barrier()
 
     def knn(epoch):
+        if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
+            return None
         accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
                                       memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")

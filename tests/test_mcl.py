@@ -1,4 +1,5 @@
-"""MCL: montage assembly, region windows, matching modes and the multi-level InfoNCE (methods.md §7, §8 X1-X5)."""
+"""MCL: montage assembly (Alg. 1), region windows and level mapping (Sec. 3.2), matching modes (Sec. 3.3) and the
+multi-level InfoNCE (Eq. 2), checked against the official code (github.com/GuoQiushan/MCL) where it has one."""
 import math
 import os
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import eval_linear
 import mcl
 from ddp_runner import assert_same_parameters, run_two_processes
 
@@ -21,7 +23,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Montage assembly (X2, X3, counts)
+# Montage assembly (Alg. 1; official random_combine_img in openselfsup/models/mcl.py)
 
 
 def index_images(batch, size):
@@ -29,9 +31,9 @@ def index_images(batch, size):
     return torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, size, size).contiguous()
 
 
-def test_x2_montage_layout_with_known_permutation():
+def test_montage_layout_with_known_permutation():
     images = index_images(4, 8)
-    order = torch.tensor([0, 4, 3, 7, 2, 5, 1, 6])       # modulo 4 -> the notes' labels [0, 0, 3, 3, 2, 1, 1, 2]
+    order = torch.tensor([0, 4, 3, 7, 2, 5, 1, 6])       # modulo 4 -> labels [0, 0, 3, 3, 2, 1, 1, 2]
     montages, ids = mcl.assemble_montages(images, ratio=2, num_montages=2, order=order)
     assert ids.tolist() == [0, 0, 3, 3, 2, 1, 1, 2]
     assert montages.shape == (2, 3, 8, 8)
@@ -69,19 +71,19 @@ def test_montage_random_permutation_structure_and_counts():
 def test_official_montage_counts():
     counts = mcl.montage_counts(128, (1, 1, 1, 2))
     assert counts == [128, 32, 8, 4]                     # official batch_sizes
-    assert sum(counts) == 172                            # images per branch per GPU (X4)
+    assert sum(counts) == 172                            # images per branch per GPU: 128 + 32 + 8 + 4
     tiles = [c * 4 ** s for s, c in enumerate(counts)]
     assert tiles == [128, 128, 128, 256]
 
 
-def test_x3_downsampling_is_nearest():
+def test_downsampling_is_nearest():
     image = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
     montage, _ = mcl.assemble_montages(image, ratio=2, num_montages=1, order=torch.zeros(4, dtype=torch.long))
     assert montage[0, 0, :2, :2].flatten().tolist() == [0, 2, 8, 10]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Region windows (X4)
+# Region windows (Sec. 3.2; official DetConvGpNonLinearHead in openselfsup/models/necks.py)
 
 
 def quadrant_map():
@@ -92,7 +94,7 @@ def quadrant_map():
     return feature
 
 
-def test_x4_window_order():
+def test_window_order():
     windows = mcl.tile_windows(quadrant_map(), ratio=2)
     assert windows.shape == (4, 2, 7, 7)
     assert windows.mean(dim=(1, 2, 3)).tolist() == [0, 1, 2, 3]
@@ -134,10 +136,10 @@ def test_montage_tiles_land_in_their_windows():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Loss (X1, modes)
+# Loss (Eq. 2, x 2T w_s as openselfsup/models/heads/latent_pred_head.py; modes of Sec. 3.3)
 
 
-def test_x1_loss_scaling():
+def test_loss_scaling_2T_w():
     torch.manual_seed(0)
     predictions, keys = torch.randn(6, 16), F.normalize(torch.randn(10, 16), dim=1)
     labels = torch.randint(0, 10, (6,))
@@ -277,28 +279,14 @@ def test_fpn_and_head_shapes():
     assert head(windows).shape == (32, 12)
 
 
-def test_detector_state_dict_selects_backbone_fpn_head():
-    fpn = mcl.FPN({"res2": 8, "res3": 16, "res4": 32, "res5": 64}, dim=24)
-    head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
-    model = torch.nn.ModuleDict({"fpn": fpn, "head": head, "predictors": torch.nn.ModuleList([torch.nn.Linear(2, 2)])})
-    state = {"online." + k: v for k, v in model.state_dict().items()}
-    flat = mcl.detector_state_dict(state, prefix="online.")
-    assert not any(k.startswith("predictors.") for k in flat)
-    assert "fpn.lateral.p2.conv.weight" in flat and "head.convs.3.norm.running_var" in flat
-    fresh_fpn = mcl.FPN({"res2": 8, "res3": 16, "res4": 32, "res5": 64}, dim=24)
-    fresh_fpn.load_state_dict({k[4:]: v for k, v in flat.items() if k.startswith("fpn.")}, strict=True)
-    fresh_head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
-    fresh_head.load_state_dict({k[5:]: v for k, v in flat.items() if k.startswith("head.")}, strict=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Schedules (X5), training steps, DDP, resume, CLI
+# Schedules (Sec. 4.1), training steps, DDP, resume, CLI
 
 TINY = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "16", "--fpn-dim", "16", "--hidden-dim", "64",
         "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
 
 
-def test_x5_schedules_of_the_imagenet_preset():
+def test_schedules_of_the_imagenet_preset():
     cfg = common.parse_config(mcl.Config, mcl.PRESETS, ["--preset", "imagenet"])
     peak = cfg.base_lr * cfg.batch_size / 256
     total, warmup = 31270, 3127           # 100 epochs and 10 warmup epochs of 1 281 167 images at B = 4096
@@ -409,10 +397,13 @@ def test_resume_is_exact_and_export_selects_detector_modules(tmp_path):
     for part in ("model", "target"):
         for name, value in straight[part].items():
             assert torch.equal(value, resumed[part][name]), f"{part}.{name}"
-    flat = mcl.detector_state_dict(straight["model"])
-    assert {key.split(".")[0] for key in flat} == {"backbone", "fpn", "head"}
-    assert len(flat) == len(straight["target"])          # the target holds exactly the transferable modules
-    assert all(torch.equal(flat[k], straight["model"][k]) for k in flat)
+    # eval_linear.py's export selects backbone (torchvision names), FPN and head: exactly what the target holds
+    model_state = straight["model"]
+    exported = {f"backbone.{key}": value for key, value in eval_linear.backbone_weights(model_state).items()}
+    exported.update(eval_linear.fpn_head_weights(model_state))
+    assert {key.split(".")[0] for key in exported} == {"backbone", "fpn", "head"}
+    assert set(exported) == set(straight["target"])
+    assert all(torch.equal(exported[key], model_state[key]) for key in exported)
 
 
 @pytest.mark.parametrize("args, message", [
