@@ -263,17 +263,17 @@ def tile_windows_roi(feature, ratio, tile_pixels, stride, cells):
 
     Boxes are the tiles' pixel boxes in the montage; spatial_scale = 1 / stride of this pyramid level; output
     cells x cells per tile, in the same row-major order as tile_windows, in the feature's dtype.
-    The RoIs (batch index and box) stay float32 and RoIAlign runs in float32: bf16 rounds integers above 256
-    (257 -> 256), so a bf16 batch index would make a tile read another montage's features.
+    The RoIs (batch index and box) stay float32 and RoIAlign runs in float32: bf16 rounds integers
+    above 256 (257 -> 256), so a bf16 batch index would make a tile read another montage's features.
     """
     montages, device = feature.shape[0], feature.device
     row, col = torch.meshgrid(torch.arange(ratio, device=device), torch.arange(ratio, device=device), indexing="ij")
     x0, y0 = (col.reshape(-1) * tile_pixels).float(), (row.reshape(-1) * tile_pixels).float()
     boxes = torch.stack([x0, y0, x0 + tile_pixels, y0 + tile_pixels], dim=1)                 # r^2 x 4
     index = torch.arange(montages, device=device).repeat_interleave(ratio * ratio).float()
-    rois = torch.cat([index[:, None], boxes.repeat(montages, 1)], dim=1)                     # (M*r^2) x 5, fp32
-    windows = roi_align(feature.float(), rois, output_size=cells, spatial_scale=1.0 / stride, sampling_ratio=2,
-                        aligned=True)
+    rois = torch.cat([index[:, None], boxes.repeat(montages, 1)], dim=1)     # (M*r^2) x 5, float32
+    windows = roi_align(feature.float(), rois, output_size=cells, spatial_scale=1.0 / stride,
+                        sampling_ratio=2, aligned=True)
     return windows.to(feature.dtype)
 
 
@@ -315,8 +315,8 @@ class MCL(nn.Module):
     """Online network: backbone -> FPN -> region head (shared by levels) -> one predictor per level.
 
     The target copies backbone + FPN + head. Attribute names are the checkpoint key prefixes a detector export
-    selects (backbone., fpn., head.: eval_linear.py --export / --export-detectron2; the paper transfers all
-    three, Tab. 10e).
+    selects (backbone., fpn., head.: eval_linear.py --export / --export-detectron2; the paper
+    transfers all three, Tab. 10e).
     """
 
     def __init__(self, cfg):
@@ -420,9 +420,9 @@ def mcl_loss(predictions, keys, tile_ids, pairs, level_weights, temperature, off
     index (official: gt + N * rank).
     Each online level s of one branch is matched to the other branch's keys at every target level t of `pairs`:
     loss_(s,t) = (w_s / n_s) * 2T * CE(cos / T), n_s = number of target levels of s in `pairs`.
-    NOTE: splitting w_s over a level's targets keeps each level's total weight w_s in every mode (modes a and
-    b have one target per level, so nothing changes there); neither the paper nor the official code (mode a
-    only) gives weights for modes c and d.
+    NOTE: splitting w_s over a level's targets keeps each level's total weight w_s in every mode
+    (modes a and b have one target per level, so nothing changes there); neither the paper nor the
+    official code (mode a only) gives weights for modes c and d.
     Returns (total loss, {"s->t": that pair's loss summed over both directions, detached}).
     """
     targets_of = Counter(s for s, _ in pairs)

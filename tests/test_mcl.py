@@ -1,5 +1,6 @@
-"""MCL: montage assembly (Alg. 1), region windows and level mapping (Sec. 3.2), matching modes (Sec. 3.3) and the
-multi-level InfoNCE (Eq. 2), checked against the official code (github.com/GuoQiushan/MCL) where it has one."""
+"""MCL: montage assembly (Alg. 1), region windows and level mapping (Sec. 3.2), matching modes
+(Sec. 3.3) and the multi-level InfoNCE (Eq. 2), checked against the official code
+(github.com/GuoQiushan/MCL) where it has one."""
 import math
 import os
 
@@ -33,7 +34,7 @@ def index_images(batch, size):
 
 def test_montage_layout_with_known_permutation():
     images = index_images(4, 8)
-    order = torch.tensor([0, 4, 3, 7, 2, 5, 1, 6])       # modulo 4 -> labels [0, 0, 3, 3, 2, 1, 1, 2]
+    order = torch.tensor([0, 4, 3, 7, 2, 5, 1, 6])       # modulo 4: [0, 0, 3, 3, 2, 1, 1, 2]
     montages, ids = mcl.assemble_montages(images, ratio=2, num_montages=2, order=order)
     assert ids.tolist() == [0, 0, 3, 3, 2, 1, 1, 2]
     assert montages.shape == (2, 3, 8, 8)
@@ -71,7 +72,7 @@ def test_montage_random_permutation_structure_and_counts():
 def test_official_montage_counts():
     counts = mcl.montage_counts(128, (1, 1, 1, 2))
     assert counts == [128, 32, 8, 4]                     # official batch_sizes
-    assert sum(counts) == 172                            # images per branch per GPU: 128 + 32 + 8 + 4
+    assert sum(counts) == 172                            # inputs per branch per GPU
     tiles = [c * 4 ** s for s, c in enumerate(counts)]
     assert tiles == [128, 128, 128, 256]
 
@@ -112,10 +113,11 @@ def test_roi_windows_follow_tile_order():
 
 
 def test_roi_windows_read_their_own_montage_beyond_256_under_bf16_autocast():
-    """bf16 holds integers exactly only up to 256 (257 rounds to 256): the RoI batch index must stay float32.
+    """bf16 holds integers exactly only up to 256 (257 -> 256): RoI batch indices stay float32.
 
-    262 montages of 2 x 2 tiles (10 px, stride 2: 5-px tiles sit off the lattice, so RoIAlign runs); montage m is
-    constant m % 64 (exact in bf16, and 256 -> 0 differs from 257 -> 1). Every tile must read its own montage.
+    262 montages of 2 x 2 tiles (10 px, stride 2: 5-px tiles sit off the lattice, so RoIAlign runs);
+    montage m is the constant m % 64 (exact in bf16; 256 -> 0 and 257 -> 1 differ). Every tile must
+    read its own montage.
     """
     montages = 262
     values = torch.arange(montages) % 64
@@ -123,7 +125,7 @@ def test_roi_windows_read_their_own_montage_beyond_256_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         windows = mcl.region_windows(feature, ratio=2, tile_pixels=5, stride=2)
     assert windows.shape == (montages * 4, 1, 2, 2)
-    expected = values.repeat_interleave(4).float()                      # tile m * 4 + i lies in montage m
+    expected = values.repeat_interleave(4).float()          # tile m * 4 + i lies in montage m
     assert torch.equal(windows.float().mean(dim=(1, 2, 3)), expected)
 
 
@@ -235,8 +237,8 @@ def test_mode_a_is_the_official_formula():
 
 
 def test_modes_c_and_d_weigh_each_pair_w_s_over_n_s_as_documented():
-    """L = sum over (s, t) of (w_s / n_s) * 2T * CE, n_s = the number of target levels of s; the module docstring
-    and the README's formula must state that same formula."""
+    """L = sum over (s, t) of (w_s / n_s) * 2T * CE, n_s = the number of target levels of s; the
+    module docstring and the README's formula must state that same formula."""
     torch.manual_seed(0)
     batch, levels, tau = 6, 3, 0.5
     weights = (0.5, 0.3, 0.2)
@@ -245,7 +247,8 @@ def test_modes_c_and_d_weigh_each_pair_w_s_over_n_s_as_documented():
     keys = [[F.normalize(torch.randn(batch, 8), dim=1) for _ in range(levels)] for _ in range(2)]
     targets_of = {"c": {0: [1], 1: [0, 2], 2: [1]}, "d": {s: [0, 1, 2] for s in range(levels)}}
     for mode, targets in targets_of.items():
-        total, _ = mcl.mcl_loss(predictions, keys, tile_ids, mcl.matching_pairs(mode, levels), weights, tau, 0)
+        pairs = mcl.matching_pairs(mode, levels)
+        total, _ = mcl.mcl_loss(predictions, keys, tile_ids, pairs, weights, tau, 0)
         expected = 0.0
         for b in range(2):
             for s in range(levels):
@@ -256,9 +259,10 @@ def test_modes_c_and_d_weigh_each_pair_w_s_over_n_s_as_documented():
                     expected = expected + weights[s] / len(targets[s]) * 2 * tau * nll
         assert torch.allclose(total, expected, atol=1e-6), mode
     assert "(w_s / n_s) * 2T" in mcl.__doc__
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as readme:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as readme:
         row = next(line for line in readme if line.startswith("| `mcl.py`"))
-    assert "(w_s/n_s)·2T" in row and "n_s" in row.split("(w_s/n_s)·2T")[1]      # n_s is defined there too
+    assert "(w_s/n_s)·2T" in row and "n_s =" in row.split("(w_s/n_s)·2T")[1]     # and defines n_s
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ def test_one_training_step_per_mode(mode):
 
 
 class StampedPyramid(torch.nn.Module):
-    """Stands in for the FPN: P_k (shaped like res_k) holds the constant 1000 k + n on stack row n."""
+    """Stands in for the FPN: P_k (shaped like res_k) is the constant 1000 k + n on stack row n."""
 
     def forward(self, maps):
         pyramid = {}
@@ -350,7 +354,7 @@ class StampedPyramid(torch.nn.Module):
 
 
 class WindowMean(torch.nn.Module):
-    """Stands in for the region head: a window's mean (K x 1), so an embedding says which map and row it read."""
+    """Stands in for the region head: a window's mean (K x 1), i.e. which map and row it read."""
 
     def forward(self, windows):
         return windows.mean(dim=(2, 3))
@@ -358,9 +362,11 @@ class WindowMean(torch.nn.Module):
 
 @pytest.mark.parametrize("stem, image_size", [("imagenet", 32), ("cifar", 16)])
 def test_forward_reads_level_s_from_p5_minus_s(stem, image_size):
-    """Sec. 3.2: tiles downsampled by 2^s are read from P(5-s). Through MCL.forward (both branches) and the
-    target's embed_levels, every level-s tile embedding must come from P(5-s), row = its own montage."""
-    cfg = common.parse_config(mcl.Config, mcl.PRESETS, TINY + ["--stem", stem, "--image-size", str(image_size)])
+    """Sec. 3.2: tiles downsampled by 2^s are read from P(5-s). Through MCL.forward (both branches)
+    and the target's embed_levels, every level-s tile embedding must come from P(5-s), row = its own
+    montage."""
+    args = TINY + ["--stem", stem, "--image-size", str(image_size)]
+    cfg = common.parse_config(mcl.Config, mcl.PRESETS, args)
     torch.manual_seed(0)
     model = mcl.MCL(cfg)
     model.fpn, model.head = StampedPyramid(), WindowMean()
@@ -397,9 +403,10 @@ def test_resume_is_exact_and_export_selects_detector_modules(tmp_path):
     for part in ("model", "target"):
         for name, value in straight[part].items():
             assert torch.equal(value, resumed[part][name]), f"{part}.{name}"
-    # eval_linear.py's export selects backbone (torchvision names), FPN and head: exactly what the target holds
+    # eval_linear.py's export selects backbone, FPN and head: what the target holds
     model_state = straight["model"]
-    exported = {f"backbone.{key}": value for key, value in eval_linear.backbone_weights(model_state).items()}
+    backbone = eval_linear.backbone_weights(model_state)
+    exported = {f"backbone.{key}": value for key, value in backbone.items()}
     exported.update(eval_linear.fpn_head_weights(model_state))
     assert {key.split(".")[0] for key in exported} == {"backbone", "fpn", "head"}
     assert set(exported) == set(straight["target"])
