@@ -18,8 +18,16 @@ Commands:
     torchrun --nproc_per_node=8 dense_byol.py --data /path/to/imagenet --preset imagenet
     python eval_linear.py --ckpt runs/dense_byol/last.pt   # kNN + linear probe of the frozen backbone
 
-No code was released for DenseBYOL; this follows the paper's Eq. 7 and methods.md §4 (DenseCL facts from its code).
-The same model is `python ladder_byol.py --weights 0,0,0,1 --dense-stages res5 --dense-hidden-dim 4096`.
+No code was released for DenseBYOL; this follows the Ladder paper's Eq. 7 and, where it is silent,
+DenseCL's code (WXinlong/DenseCL openselfsup/models/densecl.py: loss_lambda = 0.5; necks.py
+DenseCLNeck: the 1x1-conv dense head).
+NOTE: the Ladder paper averages the dense loss with the global one ("Following DenseCL [69], we
+used the dense losses in combination with the global ones by averaging", Sec. 3.3) and also calls
+DenseBYOL "a top-level loss of Eq. 7" (Sec. 4.1). We average (default); --dense-weight 1 keeps D
+alone (the global head then gets no gradient).
+The same model, initialisation and loss:
+    python ladder_byol.py --weights 0,0,0,1 --dense-stages res5 --image-size 40
+(tests/test_dense_byol.py checks parameters and loss at these default widths).
 """
 
 import dataclasses
@@ -102,9 +110,10 @@ PRESETS = {
 class DenseBYOL(nn.Module):
     """Online network: BYOL's backbone, projector, predictor, plus a 1x1-conv projector and predictor on res5.
 
-    The target copies backbone + both projectors. NOTE: the paper gives no dense head widths; like methods.md §4 we
-    mirror BYOL's MLPs per position (C -> 4096 -> 256). At res5 of a 224 px view (7 x 7) that is cheap (0.5 GMACs
-    per view for ResNet-50), unlike at res2 (see ladder_byol.py).
+    The target copies backbone + both projectors. NOTE: the paper gives no dense head widths; we
+    mirror BYOL's MLPs per position (C -> 4096 -> 256; DenseCL's dense head: 2048 -> 2048 -> 128).
+    At res5 of a 224 px view (7 x 7) that is cheap (0.5 GMACs per view for ResNet-50), unlike at
+    res2 (see ladder_byol.py).
     """
 
     def __init__(self, cfg):

@@ -4,23 +4,39 @@ BYOL with a self-supervised loss on every stage of the backbone, not only the la
 its own side branch (global pool -> projector -> predictor), mirrored by EMA projectors in the target, and its own
 BYOL loss; the intermediate losses reach the lower stages directly instead of only through the layers above them.
 Ladder-DenseBYOL makes the losses of the lower stages (res2, res3) dense: DenseBYOL, a non-contrastive DenseCL,
-averaged with the global loss of the same stage.
+averaged with the global loss of the same stage (default) or replacing it (--dense-mode replace; see
+the NOTE below).
 
     z_i = f_i(z_{i-1})                                    stage maps res2..res5 of the online backbone
     L_i = l(q_i(p_i(pool z_i^a)), sg p'_i(pool z'_i^b))   + the same with a <-> b                     (Eq. 5)
     L_all = L_res5 + sum_i w_i L_i,  w_i = 2^(i-N) w      res2..res4 = 1/16, 1/8, 1/4 (w = 1/2)        (Eq. 4, 6)
     dense stage:  L_i <- (1 - lambda) L_i + lambda D_i,   lambda = 1/2 ("averaging", DenseCL)           (Sec. 3.3)
+                  L_i <- D_i   with --dense-mode replace                                  (Sec. 4.1)
     D_i = mean_jk l(q_i^conv(y^a)_jk, sg align(y'^b; y^a)_jk) + a <-> b,  y = p_i^conv(z_i)            (Eq. 7)
     align: for every position jk of view a, the position of view b whose projection has the highest cosine
     l(p, z) = 2 - 2 cos(p, z);  xi <- tau xi + (1 - tau) theta after every step, as in BYOL
 
-Loss patterns of Table 5 (G = global, D = dense+global, - = no loss):
-    G G G G  Ladder-BYOL        python ladder_byol.py
-    D D G G  Ladder-DenseBYOL   python ladder_byol.py --dense-stages res2,res3
-    D D D D                     python ladder_byol.py --dense-stages res2,res3,res4,res5
-    - - - G  BYOL               python ladder_byol.py --weights 0,0,0,1          (same loss and gradients as byol.py)
-    - - - D  DenseBYOL          python ladder_byol.py --weights 0,0,0,1 --dense-stages res5   (= dense_byol.py)
+Loss patterns of Table 5 (G = global, D = dense + global or, with --dense-mode replace, dense only,
+- = no loss):
+    G G G G  Ladder-B   python ladder_byol.py                                (Ladder-BYOL)
+    D D G G  Ladder-DB  python ladder_byol.py --dense-stages res2,res3       (Ladder-DenseBYOL)
+    D D D D             python ladder_byol.py --dense-stages res2,res3,res4,res5 --image-size 40
+    - - - G  BYOL       python ladder_byol.py --weights 0,0,0,1  (same loss, gradients as byol.py)
+    - - - D  DenseBYOL  python ladder_byol.py --weights 0,0,0,1 --dense-stages res5 --image-size 40
+                        (the same model, initialisation and loss as `python dense_byol.py`)
 Table 6 rows: --w 0.25 | --w 0.5 (default) | --w 1 | --weights 1/8,1/8,1/8,1
+A dense res5 rung needs a res5 map larger than 1x1: at the 32 px CPU default res5 is 1x1 (stride
+32), its one position matches itself and D_res5 is a global loss on the unpooled vector;
+--image-size 40 makes res5 2x2 (dense_byol.py's default). The ImageNet presets (224 px): 7x7.
+
+NOTE: the paper describes a dense rung in two ways. Sec. 3.3: "Following DenseCL [69], we used the
+dense losses in combination with the global ones by averaging." Sec. 4.1: Ladder-DenseBYOL "replaced
+the intermediate losses on the earlier-half stages by the dense loss described in Eq. 7" (Table 5's
+caption: "replacing global losses with dense losses"). We default to the explicit formula of
+Sec. 3.3, averaging as DenseCL does: (1 - lambda) L_global + lambda L_dense, lambda = 0.5
+(`loss_lambda` in WXinlong/DenseCL openselfsup/models/densecl.py). --dense-mode replace is the
+Sec. 4.1 reading: a dense rung has only D_i and no global head. The same choice applies to a dense
+res5 rung (DenseBYOL: "a top-level loss of Eq. 7").
 
 Commands:
     python ladder_byol.py                                   # built-in synthetic data, CPU-sized defaults
@@ -29,7 +45,7 @@ Commands:
     torchrun --nproc_per_node=8 ladder_byol.py --data /path/to/imagenet --preset imagenet-dense  # Ladder-DenseBYOL
     python eval_linear.py --ckpt runs/ladder_byol/last.pt   # kNN + linear probe of the frozen backbone (--stage res2..)
 
-No official code was released; everything here follows the paper text (Sec. 3-4, Tables 5-7) and methods.md §3-§4.
+No official code was released; everything here follows the paper (Sec. 3-4, Eq. 4-7, Tables 5-7).
 """
 
 import dataclasses
@@ -70,8 +86,9 @@ class Config:
     w: float = 0.5                   # Eq. 6 coefficient: res2, res3, res4 get w/8, w/4, w/2; paper: 0.5 (Table 6: 0.25, 1)
     weights: tuple = ()              # res2,res3,res4,res5 weights, overrides --w (Table 6: 1/8,1/8,1/8,1); 0 = no head
     dense_stages: tuple = ()         # stages whose loss is dense + global (Eq. 7); Ladder-DenseBYOL: res2,res3 (Table 5)
-    dense_weight: float = 0.5        # lambda of (1 - lambda) L_global + lambda L_dense at a dense stage; DenseCL: 0.5
-    dense_hidden_dim: int = 0        # 1x1-conv head hidden width; 0 = the stage's channels (DenseCL); paper: not stated
+    dense_mode: str = "average"      # average (Sec. 3.3) | replace: D only (Sec. 4.1)
+    dense_weight: float = 0.5        # lambda in (1-lambda) L + lambda D (average); DenseCL: 0.5
+    dense_hidden_dim: int = 0        # 1x1-conv hidden width; 0 = hidden_dim at res5, channels below
     match_on: str = "projection"     # align() on dense projections (Eq. 7) | backbone maps (DenseCL)
     # optimisation
     epochs: int = 6                  # paper: 100 and 200 (Table 1 also 400); 6 keeps the CPU default run short
@@ -135,6 +152,8 @@ def check_ladder_config(cfg):
     for stage in cfg.dense_stages:
         common.check(stage in STAGES, f"--dense-stages: unknown stage {stage!r}; choose from {','.join(STAGES)}")
         common.check(weights[stage] > 0, f"--dense-stages: {stage} has loss weight 0, so it has no head")
+    common.check(cfg.dense_mode in ("average", "replace"),
+                 f"--dense-mode must be average or replace, got {cfg.dense_mode!r}")
     common.check(0 <= cfg.dense_weight <= 1, f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
     common.check(cfg.dense_hidden_dim >= 0, f"--dense-hidden-dim must be >= 0, got {cfg.dense_hidden_dim}")
     common.check(cfg.match_on in ("projection", "backbone"),
@@ -150,19 +169,24 @@ class StageHead(nn.Module):
 
     global (Eq. 5): global pool -> projector p_i (MLP) -> predictor q_i (MLP), the BYOL head on a pooled stage map.
     dense  (Eq. 7): 1x1-conv projector p_i^conv -> 1x1-conv predictor q_i^conv, the same MLP at every position.
-    NOTE: the paper states no head widths for the intermediate stages; the global heads copy BYOL's (hidden_dim,
-    proj_dim). The dense heads' hidden width defaults to the stage's channel count, as DenseCL's dense head
-    (2048 -> 2048 -> 128 at res5): a BYOL-wide 4096 1x1-conv head at res2 of a 224 px ResNet-50 view (56 x 56
-    positions) would cost 6.6 GMACs per view, more than the backbone (4.1 GMACs); 256 wide it costs 0.4 GMACs.
-    The output width stays proj_dim. --dense-hidden-dim N sets one width for every dense stage (methods.md §3).
+    A dense rung has both (average mode, default) or only the dense head (--dense-mode replace).
+    NOTE: the paper states no head widths for the intermediate stages; the global heads copy BYOL's
+    (hidden_dim, proj_dim). A dense res5 head is DenseBYOL's (dense_byol.py): hidden_dim wide,
+    BYOL's MLP at every position (0.5 GMACs per 224 px ResNet-50 view at 7 x 7). Below res5 the
+    dense hidden width is the stage's channel count, as DenseCL's dense head (2048 -> 2048 -> 128 at
+    res5): a 4096-wide 1x1-conv head at res2 (56 x 56 positions) would cost 6.6 GMACs per view, more
+    than the backbone (4.1 GMACs); 256 wide it costs 0.4 GMACs.
+    The output width stays proj_dim. --dense-hidden-dim N sets one width for every dense stage.
     """
 
-    def __init__(self, in_dim, cfg, dense):
+    def __init__(self, stage, in_dim, cfg):
         super().__init__()
-        self.projector = mlp(in_dim, cfg.hidden_dim, cfg.proj_dim)
-        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
+        dense = stage in cfg.dense_stages
+        if not (dense and cfg.dense_mode == "replace"):
+            self.projector = mlp(in_dim, cfg.hidden_dim, cfg.proj_dim)
+            self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
         if dense:
-            dense_hidden = cfg.dense_hidden_dim or in_dim
+            dense_hidden = cfg.dense_hidden_dim or (cfg.hidden_dim if stage == "res5" else in_dim)
             self.dense_projector = conv_mlp(in_dim, dense_hidden, cfg.proj_dim)
             self.dense_predictor = conv_mlp(cfg.proj_dim, dense_hidden, cfg.proj_dim)
 
@@ -178,22 +202,24 @@ class LadderBYOL(nn.Module):
         super().__init__()
         self.backbone = common.ResNetTrunk(cfg.arch, cfg.stem)
         weights = stage_weights(cfg)
-        self.heads = nn.ModuleDict({stage: StageHead(self.backbone.channels[stage], cfg, stage in cfg.dense_stages)
+        self.heads = nn.ModuleDict({stage: StageHead(stage, self.backbone.channels[stage], cfg)
                                     for stage in STAGES if weights[stage] > 0})
         self.match_on = cfg.match_on
 
     def forward(self, views):
         """views: list of B x 3 x S x S. Returns per view {stage: predictions} (BN statistics per view).
 
-        predictions: "global" B x proj_dim; at a dense stage also "dense" B x proj_dim x h x w (q^conv(y^a)) and
-        "match" (the view-a map that align() compares: y^a = p^conv(z^a), or z^a with --match-on backbone).
+        predictions: "global" B x proj_dim (not at a dense stage in replace mode); at a dense stage
+        "dense" B x proj_dim x h x w (q^conv(y^a)) and "match" (the view-a map align() compares:
+        y^a = p^conv(z^a) from before the predictor, or z^a with --match-on backbone).
         """
         outputs = []
         for view in views:
             projections = embed(self, view, self.match_on)
             for stage, out in projections.items():
                 head = self.heads[stage]
-                out["global"] = head.predictor(out["global"])  # B x proj_dim
+                if "global" in out:
+                    out["global"] = head.predictor(out["global"])  # B x proj_dim
                 if "dense" in out:
                     out["dense"] = head.dense_predictor(out["dense"])  # B x proj_dim x h x w
             outputs.append(projections)
@@ -203,12 +229,16 @@ class LadderBYOL(nn.Module):
 def embed(net, view, match_on):
     """Projections of every stage of a network holding .backbone and .heads (the online model or its target).
 
-    Returns {stage: {"global": B x proj_dim, and at dense stages "dense": B x proj_dim x h x w, "match": B x C x h x w}}.
+    Returns {stage: {"global": B x proj_dim, and at dense stages "dense": B x proj_dim x h x w,
+    "match": B x C x h x w}}; "global" only where the head has a global projector (not at a dense
+    stage in replace mode).
     """
     maps = net.backbone(view)  # stage -> B x C x h x w
     out = {}
     for stage, head in net.heads.items():
-        out[stage] = {"global": head.projector(global_pool(maps[stage]))}  # B x proj_dim
+        out[stage] = {}
+        if hasattr(head, "projector"):  # a global rung, or a dense one in average mode
+            out[stage]["global"] = head.projector(global_pool(maps[stage]))  # B x proj_dim
         if hasattr(head, "dense_projector"):  # a dense stage
             dense = head.dense_projector(maps[stage])  # B x proj_dim x h x w
             out[stage]["dense"] = dense
@@ -225,20 +255,25 @@ def embed(net, view, match_on):
 def ladder_loss(predictions, targets, weights, dense_weight):
     """Eq. 4: L_all = sum_i w_i L_i over the stages with a head. Returns (L_all, {stage: L_i}, {stage: D_i}).
 
-    Each L_i is the symmetric BYOL loss on the pooled stage (Eq. 5, range [0, 8]); at a dense stage it is averaged
-    with the symmetric DenseBYOL loss D_i (Eq. 7): (1 - dense_weight) L_i + dense_weight D_i, as DenseCL does.
+    Each L_i is the symmetric BYOL loss on the pooled stage (Eq. 5, range [0, 8]). At a dense stage
+    with a global head (average mode) it is averaged with the symmetric DenseBYOL loss D_i (Eq. 7),
+    (1 - dense_weight) L_i + dense_weight D_i, as DenseCL does; without one (replace mode): D_i.
     """
     p1, p2 = predictions
     z1, z2 = targets
     stage_losses, dense_losses = {}, {}
     for stage in p1:
-        loss = regression_loss(p1[stage]["global"], z2[stage]["global"]) + regression_loss(p2[stage]["global"],
-                                                                                            z1[stage]["global"])
+        if "global" in p1[stage]:
+            loss = (regression_loss(p1[stage]["global"], z2[stage]["global"])
+                    + regression_loss(p2[stage]["global"], z1[stage]["global"]))
         if "dense" in p1[stage]:
             dense_losses[stage] = (
                 dense_regression_loss(p1[stage]["dense"], z2[stage]["dense"], p1[stage]["match"], z2[stage]["match"])
                 + dense_regression_loss(p2[stage]["dense"], z1[stage]["dense"], p2[stage]["match"], z1[stage]["match"]))
-            loss = (1 - dense_weight) * loss + dense_weight * dense_losses[stage]
+            if "global" in p1[stage]:  # average mode
+                loss = (1 - dense_weight) * loss + dense_weight * dense_losses[stage]
+            else:  # replace mode
+                loss = dense_losses[stage]
         stage_losses[stage] = loss
     total = sum(weights[stage] * loss for stage, loss in stage_losses.items())
     return total, stage_losses, dense_losses
@@ -276,7 +311,8 @@ def train(cfg, dist):
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
         state = common.load_checkpoint(f"{cfg.out}/last.pt", method="ladder_byol")
         common.check_resume_compatible(state, cfg)
-        for key in ("w", "weights", "dense_stages", "dense_hidden_dim"):  # these decide which heads exist
+        # these decide which heads exist
+        for key in ("w", "weights", "dense_stages", "dense_mode", "dense_hidden_dim"):
             saved, now = state["config"].get(key), common.config_dict(cfg)[key]
             common.check(saved == now, f"--resume: checkpoint has {key}={saved!r} but this run has {key}={now!r}")
         model.load_state_dict(state["model"])

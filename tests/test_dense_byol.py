@@ -1,5 +1,10 @@
-"""dense_byol.py and common.py's dense matching: cross-checks M1-M3 (methods.md §8), identity/flip invariants, the
-same model as ladder_byol.py's "- - - D" pattern, DDP on CPU, bad flags."""
+"""dense_byol.py and common.py's dense matching (Ladder paper Eq. 7): checks M1-M3 (below),
+identity/flip invariants, matching on the projection before the predictor, the same model as
+ladder_byol.py's "- - - D" pattern at the default widths, DDP on CPU, bad flags.
+
+M1: argmax-cosine matches on fixed random maps (the rule of DenseCL's code, WXinlong/DenseCL
+openselfsup/models/densecl.py); M2: identical views match the identity and give zero dense loss;
+M3: a flipped view matches mirrored columns."""
 
 import json
 
@@ -90,6 +95,38 @@ def test_M2_identical_views_through_the_model_give_identity_matches_and_zero_den
     assert dense_loss.item() == pytest.approx(0, abs=1e-5)
 
 
+def test_dense_matching_uses_the_projection_before_the_predictor():
+    """Eq. 7 with a real (random, non-identity) predictor: align() compares the online
+    projection y^a = p^conv(z^a), not the prediction q^conv(y^a), with the target projection
+    y'^b, and q^conv(y^a) regresses onto the matched y'^b. Expected value: a loop over
+    positions on the modules' outputs."""
+    cfg = config()
+    model, target = build(cfg)
+    generator = torch.Generator().manual_seed(5)
+    pair = [torch.randn(2, 3, 96, 96, generator=generator) for _ in range(2)]  # res5 is 3 x 3
+    targets = [dense_byol.embed(target, v, cfg.match_on) for v in pair]
+    _, _, dense_loss = dense_byol.dense_byol_loss(model(pair), targets, 0.5)
+    expected, differ = 0.0, False
+    with torch.no_grad():
+        for a, b in ((0, 1), (1, 0)):
+            projection = model.dense_projector(model.backbone(pair[a])["res5"])     # B x D x 3 x 3
+            prediction = model.dense_predictor(projection).flatten(2)               # B x D x 9
+            projection = projection.flatten(2)
+            key = target["dense_projector"](target["backbone"](pair[b])["res5"]).flatten(2)
+            terms = []
+            for image in range(2):
+                for i in range(9):
+                    cos_y = F.cosine_similarity(projection[image, :, i:i + 1], key[image], dim=0)
+                    cos_q = F.cosine_similarity(prediction[image, :, i:i + 1], key[image], dim=0)
+                    j = int(cos_y.argmax())
+                    differ = differ or j != int(cos_q.argmax())
+                    cos = F.cosine_similarity(prediction[image, :, i], key[image, :, j], dim=0)
+                    terms.append(2 - 2 * cos)
+            expected += sum(terms) / len(terms)
+    assert differ  # matching on the prediction picks other positions: the test tells them apart
+    assert dense_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_loss_is_the_average_of_global_and_dense_and_gradients_reach_both_heads():
     cfg = config()
     model, target = build(cfg)
@@ -108,24 +145,38 @@ def test_loss_is_the_average_of_global_and_dense_and_gradients_reach_both_heads(
 
 
 @pytest.mark.parametrize("match_on", ["projection", "backbone"])
-def test_same_model_as_ladder_byol_dense_res5(match_on):
-    """dense_byol.py == ladder_byol.py --weights 0,0,0,1 --dense-stages res5 (Table 5 row "- - - D")."""
-    cfg = config("--match-on", match_on)
-    model, target = build(cfg)
-    ladder_cfg = common.parse_config(ladder_byol.Config, {}, list(TINY) + [
-        "--weights", "0,0,0,1", "--dense-stages", "res5", "--match-on", match_on])
+def test_same_model_as_ladder_byol_dense_res5_at_default_widths(match_on):
+    """dense_byol.py == ladder_byol.py --weights 0,0,0,1 --dense-stages res5 --image-size 40
+    (Table 5 row "- - - D"), both at their DEFAULT head widths (4096-wide global and dense
+    heads): the same parameters from the same seed and the same loss. Only the backbone is the
+    CPU default, ResNet-18."""
+    dense_cfg = common.parse_config(dense_byol.Config, {}, ["--match-on", match_on])
+    torch.manual_seed(0)
+    model = dense_byol.DenseBYOL(dense_cfg)
+    target = common.make_target({"backbone": model.backbone, "projector": model.projector,
+                                 "dense_projector": model.dense_projector})
+    ladder_args = ["--weights", "0,0,0,1", "--dense-stages", "res5", "--image-size", "40"]
+    ladder_cfg = common.parse_config(ladder_byol.Config, {}, ladder_args + ["--match-on", match_on])
+    torch.manual_seed(0)
     ladder = ladder_byol.LadderBYOL(ladder_cfg)
-    renamed = {(name if name.startswith("backbone.") else "heads.res5." + name): value
-               for name, value in model.state_dict().items()}
-    ladder.load_state_dict(renamed)
-    ladder_target = common.make_target({"backbone": ladder.backbone,
-                                        "heads": torch.nn.ModuleDict({"res5": ladder.heads["res5"].target_modules()})})
-    pair = [torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)]
+    ladder_target = common.make_target({"backbone": ladder.backbone, "heads": torch.nn.ModuleDict(
+        {"res5": ladder.heads["res5"].target_modules()})})
+    assert model.dense_projector[0].out_channels == model.dense_predictor[0].out_channels == 4096
+    ours = {(name if name.startswith("backbone.") else "heads.res5." + name): value
+            for name, value in model.state_dict().items()}
+    theirs = ladder.state_dict()
+    shapes = {name: tuple(value.shape) for name, value in theirs.items()}
+    assert {name: tuple(value.shape) for name, value in ours.items()} == shapes
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)  # same initialisation
+    generator = torch.Generator().manual_seed(1)
+    pair = [torch.randn(2, 3, 40, 40, generator=generator) for _ in range(2)]  # res5 is 2 x 2
     with torch.no_grad():
-        loss, _, _ = dense_byol.dense_byol_loss(model(pair), [dense_byol.embed(target, v, match_on) for v in pair], 0.5)
-        ladder_loss, _, _ = ladder_byol.ladder_loss(
-            ladder(pair), [ladder_byol.embed(ladder_target, v, match_on) for v in pair],
-            ladder_byol.stage_weights(ladder_cfg), 0.5)
+        targets = [dense_byol.embed(target, v, match_on) for v in pair]
+        loss, _, _ = dense_byol.dense_byol_loss(model(pair), targets, dense_cfg.dense_weight)
+        ladder_targets = [ladder_byol.embed(ladder_target, v, match_on) for v in pair]
+        ladder_loss, _, _ = ladder_byol.ladder_loss(ladder(pair), ladder_targets,
+                                                    ladder_byol.stage_weights(ladder_cfg),
+                                                    ladder_cfg.dense_weight)
     assert loss.item() == pytest.approx(ladder_loss.item(), abs=1e-6)
 
 

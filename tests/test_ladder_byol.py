@@ -1,5 +1,9 @@
-"""ladder_byol.py: Eq. 4-6 weights, cross-checks L1-L3 (methods.md §8), equivalence with BYOL at zero intermediate
-weights, gradient flow per rung, Ladder-DenseBYOL, DDP on CPU, resume, bad flags."""
+"""ladder_byol.py: Eq. 4-6 weights, analytic checks L1-L3 (below), equivalence with BYOL at zero
+intermediate weights, gradient flow per rung, Ladder-DenseBYOL (both readings of a dense rung, by
+hand), DDP on CPU, resume, bad flags.
+
+L1: equal stage losses L give 1.4375 L; L2: each rung's loss reaches its own head and the stages
+below; L3: the intermediate heads' input widths are ResNet-50's stage widths (Sec. 4.1)."""
 
 import json
 
@@ -220,6 +224,7 @@ def test_resume_refuses_a_checkpoint_with_other_heads(tmp_path, capsys):
     (["--dense-stages", "res6"], "unknown stage 'res6'"),
     (["--match-on", "pixels"], "--match-on must be"),
     (["--dense-hidden-dim", "-1"], "--dense-hidden-dim must be >= 0"),
+    (["--dense-mode", "sum"], "--dense-mode must be average or replace"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -233,3 +238,129 @@ def test_predictor_learning_rate_factor_defaults():
     assert ladder_byol.Config().predictor_lr_mult == 10.0
     for name in ladder_byol.PRESETS:
         assert common.parse_config(ladder_byol.Config, ladder_byol.PRESETS, ["--preset", name]).predictor_lr_mult == 1.0
+
+
+# --- a dense rung by hand: Eq. 5 and Eq. 7 written as loops ---------------------------------------
+
+
+def hand_regression(p, z):
+    """Mean over rows of 2 - 2 cos(p_i, z_i), one row at a time."""
+    terms = [2 - 2 * torch.dot(p[i], z[i]) / (p[i].norm() * z[i].norm()) for i in range(len(p))]
+    return sum(terms) / len(terms)
+
+
+def hand_dense(prediction, target, query, key):
+    """Eq. 7, one direction: each position of view a regresses the target vector of view b at the
+    position whose `key` vector has the highest cosine with its `query` vector.
+    Returns (loss, matches)."""
+    terms, matches = [], []
+    for b in range(prediction.shape[0]):
+        pred, tgt = prediction[b].flatten(1), target[b].flatten(1)      # D x HW
+        qry, ky = query[b].flatten(1), key[b].flatten(1)                # C x HW
+        for i in range(pred.shape[1]):
+            j = int(torch.nn.functional.cosine_similarity(qry[:, i:i + 1], ky, dim=0).argmax())
+            matches.append(j)
+            cos = torch.dot(pred[:, i], tgt[:, j]) / (pred[:, i].norm() * tgt[:, j].norm())
+            terms.append(2 - 2 * cos)
+    return sum(terms) / len(terms), matches
+
+
+def hand_rung(model, target, pair, stage):
+    """Symmetric global (Eq. 5) and dense (Eq. 7) loss of one rung, from the modules themselves. The
+    dense matching compares the online projection y^a = p^conv(z^a) (before the predictor) with the
+    target's y'^b. Also returns the matches the online PREDICTION q^conv(y^a) would have picked."""
+    head, target_head = model.heads[stage], target["heads"][stage]
+    online = [model.backbone(view)[stage] for view in pair]
+    offline = [target["backbone"](view)[stage] for view in pair]
+    global_loss = dense_loss = 0.0
+    by_projection, by_prediction = [], []
+    for a, b in ((0, 1), (1, 0)):
+        if hasattr(head, "projector"):
+            prediction = head.predictor(head.projector(online[a].mean(dim=(2, 3))))
+            target_projection = target_head["projector"](offline[b].mean(dim=(2, 3)))
+            global_loss = global_loss + hand_regression(prediction, target_projection)
+        if hasattr(head, "dense_projector"):
+            projection = head.dense_projector(online[a])                     # y^a
+            prediction = head.dense_predictor(projection)                    # q^conv(y^a)
+            target_projection = target_head["dense_projector"](offline[b])   # y'^b
+            loss, matches = hand_dense(prediction, target_projection, projection, target_projection)
+            dense_loss = dense_loss + loss
+            by_projection += matches
+            _, matches = hand_dense(prediction, target_projection, prediction, target_projection)
+            by_prediction += matches
+    return global_loss, dense_loss, by_projection, by_prediction
+
+
+def check_rungs_by_hand(cfg, mix_of_dense):
+    """Every rung's loss against hand_rung; mix_of_dense(G, D) is what a dense rung should be."""
+    model, target = build(cfg)
+    pair = views(batch=2)
+    total, stage_losses, dense_losses = forward_loss(cfg, model, target, pair)
+    with torch.no_grad():
+        for stage in common.STAGES:
+            global_loss, dense_loss, _, _ = hand_rung(model, target, pair, stage)
+            if stage in cfg.dense_stages:
+                assert dense_losses[stage].item() == pytest.approx(dense_loss.item(), rel=1e-5)
+                expected = mix_of_dense(global_loss, dense_loss)
+            else:
+                expected = global_loss
+            assert stage_losses[stage].item() == pytest.approx(expected.item(), rel=1e-5), stage
+    default_weights = (1 / 16, 1 / 8, 1 / 4, 1)
+    weighted = sum(w * stage_losses[s].item() for s, w in zip(common.STAGES, default_weights))
+    assert total.item() == pytest.approx(weighted, rel=1e-6)
+    return model, target, total
+
+
+def test_dense_rung_average_reading_by_hand():
+    """Default (Sec. 3.3, "by averaging"): a dense rung is (L_i + D_i) / 2 (lambda = 1/2)."""
+    cfg = config("--dense-stages", "res2,res3")
+    model, _, _ = check_rungs_by_hand(cfg, lambda g, d: (g + d) / 2)
+    head = model.heads["res2"]
+    assert hasattr(head, "projector") and hasattr(head, "dense_projector")
+
+
+def test_dense_rung_replace_reading_by_hand():
+    """--dense-mode replace (Sec. 4.1: "replaced ... by the dense loss"): a dense rung is D_i alone
+    and has no global head at all, so every parameter still gets a gradient (DDP needs that)."""
+    cfg = config("--dense-stages", "res2,res3", "--dense-mode", "replace")
+    model, target, total = check_rungs_by_hand(cfg, lambda g, d: d)
+    res2, res4 = model.heads["res2"], model.heads["res4"]
+    assert not hasattr(res2, "projector") and not hasattr(res2, "predictor")
+    assert set(target["heads"]["res2"].keys()) == {"dense_projector"}
+    assert hasattr(res4, "projector") and not hasattr(res4, "dense_projector")
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dense_matching_uses_the_projection_before_the_predictor():
+    """Eq. 7: align() compares y^a = p^conv(z^a), the ONLINE PROJECTION, with the target projection
+    y'^b; the loss regresses the prediction q^conv(y^a) onto the matched y'^b. With a real (random,
+    non-identity) predictor the matches by prediction differ, so matching on it changes the loss."""
+    cfg = config("--dense-stages", "res2", "--weights", "1,0,0,1")
+    model, target = build(cfg)
+    pair = views(batch=2)
+    _, _, dense_losses = forward_loss(cfg, model, target, pair)
+    with torch.no_grad():
+        _, dense_loss, by_projection, by_prediction = hand_rung(model, target, pair, "res2")
+    assert by_projection != by_prediction  # the test can tell the two tensors apart
+    assert dense_losses["res2"].item() == pytest.approx(dense_loss.item(), rel=1e-5)
+
+
+def test_docstring_res5_dense_commands_have_more_than_one_res5_position():
+    """A dense res5 rung on a 1x1 map matches its one position to itself: the docstring's res5
+    commands must use an image size whose res5 map is at least 2x2."""
+    lines = [line for line in ladder_byol.__doc__.splitlines()
+             if "python ladder_byol.py" in line and "--dense-stages" in line and "res5" in line]
+    commands = [line.split("ladder_byol.py", 1)[1].split() for line in lines]
+    assert len(commands) == 2  # "D D D D" and "- - - D"
+    for tokens in commands:
+        args = []
+        for flag, value in zip(tokens[::2], tokens[1::2]):
+            if not flag.startswith("--"):
+                break
+            args += [flag, value]
+        cfg = common.parse_config(ladder_byol.Config, ladder_byol.PRESETS, args)
+        trunk = common.ResNetTrunk(cfg.arch, cfg.stem).eval()
+        with torch.no_grad():
+            res5 = trunk(torch.zeros(1, 3, cfg.image_size, cfg.image_size))["res5"]
+        assert res5.shape[2] * res5.shape[3] >= 4, (args, tuple(res5.shape))
