@@ -15,9 +15,16 @@ where to pool and learning the global embedding help each other (Table 5).
     LEWEL_M (--variant moco): l = InfoNCE, tau 0.2; queue negatives for L_g, in-batch negatives for L_a    (Eq. 4)
     both directions (v1 -> v2 and v2 -> v1) are summed.
 
-The method's defaults follow the released LEWEL_B code (methods.md §6): h = 4 groups, scale 1, beta 0.5, EMAN target
-(eval mode, EMA of parameters and BN buffers). LEWEL_M is not released; it is built from the paper (Sec. 3.3) on MoCo
-v2. The CPU defaults shrink the heads (hidden 1024) and use 40-px views so that res5 has 2x2 positions to align.
+The method's defaults follow the paper and the released LEWEL_B code (LayneH/LEWEL: models/lewel.py,
+main.py, scripts/srun_lewelb_eman.sh): h = 4 groups, scale 1, beta 0.5, EMAN target (eval mode, EMA
+of parameters and BN buffers). LEWEL_M is not released; it is built from the paper (Sec. 3.3) on
+MoCo v2. The CPU defaults shrink the heads (hidden 1024) and use 40-px views so that res5 has 2x2
+positions to align.
+NOTE: h = 4 is the paper's value for LEWEL_B only (Sec. 4.4, Table 7: "when h = 4, LEWEL_B performs
+consistently well regardless the value of d. Thus we simply use d [h] = 4 for LEWEL_B"; the released
+scripts set LEWEL_NUM_HEADS=4, main.py's --lewel-num-heads defaults to 8). The paper gives no h for
+LEWEL_M (Table 7 uses LEWEL_B "to exclude the influence of the negative sample size in LEWEL_M"); we
+use 4 for both: 32 aligned embeddings at LEWEL_M's d = 128, 64 at LEWEL_B's d = 256.
 
 Commands:
     python lewel.py                                   # LEWEL_B, built-in synthetic data, CPU-sized defaults
@@ -68,7 +75,7 @@ class Config:
     sync_bn: bool = False            # SyncBatchNorm across processes (CUDA only); official: off (EMAN runs), on (400-ep run)
     # method
     variant: str = "byol"            # byol = LEWEL_B (Eq. 5, EMA target) | moco = LEWEL_M (Eq. 4, queue, key encoder)
-    groups: int = 4                  # h channel groups -> d/h aligned embeddings; scripts: 4 (CLI default 8); Table 7
+    groups: int = 4                  # h groups -> d/h embeddings; paper: 4 (B, Table 7); M: NOTE
     scale: float = 1.0               # temperature of the alignment softmax over space; released scripts: 1.0
     beta: float = 0.5                # weight of the aligned loss L_a in Eq. 3; paper: 0.5 (Fig. 3a)
     eman: bool = True                # LEWEL_B target in eval mode, EMA of params + BN buffers (EMAN); paper: on (100/200 ep)
@@ -96,8 +103,10 @@ class Config:
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
-# LEWEL_M recipe (Sec. 3.3): MoCo v2 with SGD (momentum 0.9) lr 0.06 at batch 256, wd 1e-4, 2048/128 heads, fixed
-# key momentum 0.999, no warmup.
+# LEWEL_M recipe (Sec. 3.3): MoCo v2 with SGD (momentum 0.9) lr 0.06 at batch 256, wd 1e-4, 2048/128
+# heads, fixed key momentum 0.999, no warmup. NOTE: with both InfoNCE directions summed
+# (lewel_m_total) a step at lr 0.06 is ~4x MoCo v2's one-direction step at 0.03 (weight decay 2x);
+# --base-lr 0.03 halves both.
 MOCO = dict(variant="moco", hidden_dim=2048, proj_dim=128, base_lr=0.06, weight_decay=1e-4, warmup_epochs=0.0,
             tau_base=0.999)
 
@@ -159,7 +168,8 @@ def coupled_projection(projector, features):
 
     The global slot and every pixel go through the same BatchNorm, so its statistics are taken over
     batch x (1 + HW) positions (official `ObjectNeck`); projecting GAP(F) alone gives a different global
-    embedding (cross-check C3). Returns the global embedding z (B x d) and the heat-maps W~ (B x d x HW).
+    embedding (tests/test_lewel.py, test_c3_...). Returns the global embedding z (B x d) and the
+    heat-maps W~ (B x d x HW).
     """
     batch, channels, height, width = features.shape
     pixels = features.flatten(2)                                     # B x C x HW
@@ -188,7 +198,8 @@ def aligned_pooling(pixels, maps, groups):
     Aligned representation k concatenates, over groups g, (map g * d/h + k) (x) (channels of group g).
     NOTE: Eq. 2 pairs group g of embedding k with map (k-1)h + g (maps interleaved); the official code
     (`ObjectNeck.forward`) gives each group a contiguous block of d/h maps, as here. The two differ by a fixed
-    permutation of g's output channels, i.e. they are the same model; we follow the code so cross-check C1 holds.
+    permutation of g's output channels, i.e. they are the same model; we follow the code, so the
+    official function's numbers hold (tests/test_lewel.py, test_c1_...).
     """
     batch, channels, positions = pixels.shape
     num_maps = maps.shape[1]
@@ -211,8 +222,9 @@ class LEWEL(nn.Module):
     """Online network: backbone f, coupled projector g, semantic projector p; LEWEL_B adds predictors q and s.
 
     The target (LEWEL_B) / key encoder (LEWEL_M) copies backbone + both projectors and computes its own maps.
-    NOTE: common.mlp is Linear(+bias) -> BN -> ReLU -> Linear(+bias) with PyTorch's default init; the official
-    MLP1D uses bias-free 1x1 Conv1d with kaiming fan_out init (the first bias is cancelled by BN; methods.md §1.1).
+    NOTE: common.mlp is Linear(+bias) -> BN -> ReLU -> Linear(+bias) with PyTorch's default init;
+    the official MLP1D uses bias-free 1x1 Conv1d with kaiming fan_out init (LayneH/LEWEL
+    models/lewel.py, utils/init.py; the first bias is cancelled by BN).
     NOTE: Sec. 3.3 puts BN in the hidden layer of the LEWEL_M projectors too, unlike MoCo v2's BN-free head.
     """
 
@@ -340,8 +352,16 @@ def lewel_m_total(embeddings, keys, negatives, first_index, beta, tau):
 
     embeddings: per view (z B x d, z_k B x K x d) online, this rank; keys: per view (N x d, N x K x d), global batch;
     negatives: the queue *before* this step's keys are added, so no key is ever its own negative.
-    NOTE: MoCo v2 trains one direction (q1 -> k2) and enqueues k2; we sum both directions like LEWEL_B and enqueue
-    both views' keys.
+    NOTE: the paper does not say whether L_g and L_a are symmetrised. MoCo v2, whose settings
+    LEWEL_M follows, trains one direction (facebookresearch/moco moco/builder.py: q from view 1
+    against k from view 2; enqueues k) at lr 0.03 per 256 images (main_moco.py). We sum both
+    directions and enqueue both views' keys, as the only released LEWEL loss sums its two directions
+    (LayneH/LEWEL models/lewel.py, LEWELB_EMAN.forward: loss_func(v1, target v2) + loss_func(v2,
+    target v1)), and keep the paper's lr 0.06 (Sec. 3.3). Effective lr relative to MoCo v2: each
+    direction steps at 2x its lr, so the summed pair moves ~4x as far per step as MoCo v2's
+    one-direction loss at 0.03, while the weight-decay step (lr x wd) is 2x: weight decay is
+    relatively half of MoCo v2's. `--base-lr 0.03` gives MoCo v2's per-direction step and weight
+    decay (the pair still 2x).
     """
     loss = 0.0
     for (query, query_aligned), (key_all, key_aligned_all) in zip(embeddings, reversed(keys)):
@@ -384,8 +404,9 @@ def train(cfg, dist):
         optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:  # LEWEL's code puts lr inside the momentum buffer (--lars-form openselfsup, default); byol.py's optax form
         # keeps it outside, which differs while the lr changes: two steps at lr 1.8 then 3.6 move 23 % further there
-        # (tests/test_lewel.py, C5). NOTE: the official 400-ep run also applies LARS + wd to the heads' BN weights
-        # (methods.md §1.3); we never do.
+        # (tests/test_lewel.py, C5). NOTE: the official 400-ep run (LEWELB, SyncBN) also applies
+        # LARS + wd to the heads' BN weights (LayneH/LEWEL main.py `collect_params` excludes `mlp.1`
+        # only for EMAN); we never do.
         optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr, form=cfg.lars_form)
 
     step = 0

@@ -1,4 +1,10 @@
-"""Tests for lewel.py: the notes' cross-checks C1-C5 (methods.md §8) and the invariants of issue 6."""
+"""Tests for lewel.py: cross-checks C1-C5 against the official code (LayneH/LEWEL) and invariants.
+
+C1: aligned pooling (models/lewel.py ObjectNeck.forward); C2: the loss (LEWELB_EMAN.loss_func);
+C3: the coupled head's shared BN statistics; C4: the EMA schedule (LEWELB_EMAN.momentum_update);
+C5: LARS (utils/LARS.py). The C1, C2 and C5 numbers are the official functions' outputs on the
+inputs given in each test. Then: maps, LEWEL_M losses and queue, model shapes, EMAN, 2-process
+runs, and train() itself (the EMAN target's mode, the LEWEL_M queue order)."""
 import math
 
 import pytest
@@ -117,8 +123,9 @@ def test_one_hot_maps_select_pixels_per_group():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# C5: LARS. common.LARS is the optax form; LEWEL ships the OpenSelfSup form. Reference below, written from
-# methods.md §1.3: local = eta ||w|| / (||g|| + wd ||w||); d = (g + wd w) local lr; buf = mu buf + d; w -= buf.
+# C5: LARS. common.LARS is the optax form; LEWEL ships the OpenSelfSup form (LayneH/LEWEL
+# utils/LARS.py; excluded groups from main.py `collect_params`). Reference below, from that rule:
+# local = eta ||w|| / (||g|| + wd ||w||); d = (g + wd w) local lr; buf = mu buf + d; w -= buf.
 
 
 def openselfsup_lars_step(groups, lr, states, momentum=0.9, eta=1e-3):
@@ -300,7 +307,8 @@ def test_model_shapes_and_initial_loss_near_four():
 
 
 def test_eman_target_averages_bn_buffers_and_runs_in_eval_mode():
-    """EMAN (methods.md §1.2): EMA over parameters AND BN running stats; num_batches_tracked copied."""
+    """EMAN (LayneH/LEWEL models/lewel.py LEWELB_EMAN.momentum_update): EMA over parameters AND BN
+    running stats; num_batches_tracked copied."""
     torch.manual_seed(0)
     model = lewel.LEWEL(tiny_config())
     target = common.make_target({"backbone": model.backbone, "projector": model.projector,
@@ -410,3 +418,71 @@ def test_c5_openselfsup_form_matches_the_official_rule_while_lr_changes():
         torch.testing.assert_close(dq, ref_dq, rtol=1e-6, atol=1e-5)
     with pytest.raises(common.InputError, match="--lars-form"):
         common.LARS([torch.zeros(1, requires_grad=True)], lr=1.0, form="sgd")
+
+
+# --------------------------------------------------------------------------------------------------
+# train() itself: the EMAN target's mode and the LEWEL_M queue order, through short real runs
+
+
+TINY_RUN = ["--synthetic-size", "16", "--batch-size", "4", "--epochs", "1", "--image-size", "40",
+            "--hidden-dim", "32", "--proj-dim", "16", "--knn-every", "0", "--log-every", "1",
+            "--device", "cpu"]
+
+
+@pytest.mark.parametrize("eman", [True, False])
+def test_train_runs_the_eman_target_in_eval_mode(tmp_path, monkeypatch, eman):
+    """EMAN (official LEWELB_EMAN, main.py `train`: target_net.eval()): every target forward inside
+    train() runs with all of the target's modules in eval mode; without EMAN (LEWELB) in train mode.
+    The online network always trains."""
+    modes = {"online": set(), "target": set()}
+    real_embed = lewel.embed
+
+    def recording_embed(net, view, groups, scale):
+        role = "online" if isinstance(net, lewel.LEWEL) else "target"
+        modes[role].update(module.training for module in net.modules())
+        return real_embed(net, view, groups, scale)
+
+    monkeypatch.setattr(lewel, "embed", recording_embed)
+    flag = "--eman" if eman else "--no-eman"
+    lewel.main(TINY_RUN + [flag, "--stop-after", "1", "--out", str(tmp_path)])
+    assert modes["online"] == {True}
+    assert modes["target"] == ({False} if eman else {True})
+
+
+def test_train_updates_the_lewel_m_queue_only_after_the_loss_and_the_step(tmp_path, monkeypatch):
+    """LEWEL_M in train(): each step's loss sees the queue as it was before the step (its own keys
+    are not among its negatives); the step's keys are enqueued after loss, backward and optimizer
+    step (MoCo's order, also DenseCL's `forward_train`)."""
+    events = []
+    real_loss, real_enqueue = lewel.lewel_m_total, lewel.KeyQueue.enqueue
+    real_step = torch.optim.SGD.step
+
+    def recording_loss(embeddings, keys, negatives, first_index, beta, tau):
+        events.append(("loss", negatives.clone(), torch.cat([key for key, _ in keys]).clone()))
+        return real_loss(embeddings, keys, negatives, first_index, beta, tau)
+
+    def recording_enqueue(queue, keys):
+        before = queue.keys.clone()
+        real_enqueue(queue, keys)
+        events.append(("enqueue", before, queue.keys.clone()))
+
+    def recording_step(optimizer, *args, **kwargs):
+        events.append(("step",))
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(lewel, "lewel_m_total", recording_loss)
+    monkeypatch.setattr(lewel.KeyQueue, "enqueue", recording_enqueue)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    lewel.main(["--preset", "moco"] + TINY_RUN + ["--queue-size", "64", "--stop-after", "2",
+                                                  "--out", str(tmp_path)])
+    assert [event[0] for event in events] == ["loss", "step", "enqueue"] * 2
+    first_loss, _, first_enqueue, second_loss, _, second_enqueue = events
+    torch.testing.assert_close(first_loss[1], first_enqueue[1])   # step 1: queue before its keys
+    torch.testing.assert_close(second_loss[1], first_enqueue[2])  # step 2: with step 1's keys
+    torch.testing.assert_close(second_enqueue[1], first_enqueue[2])
+    for loss_event, enqueue_event in ((first_loss, first_enqueue), (second_loss, second_enqueue)):
+        _, negatives, keys = loss_event
+        queue_after = enqueue_event[2]
+        keys = F.normalize(keys, dim=1)                     # 2 views x global batch 4 = 8 keys
+        assert (keys @ negatives.t()).max() < 0.999         # no key of the step is its own negative
+        assert (keys @ queue_after.t()).max(dim=1).values.min() > 0.999  # ... each is in it after
