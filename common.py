@@ -382,24 +382,34 @@ def crop_resize(images, boxes, flips, out_size, interpolation="bilinear"):
     pixels to 10-bit mantissas (errors up to ~1e-3 instead of ~1e-6).
     NOTE: no anti-aliasing when a crop is shrunk (torchvision's PIL path anti-aliases). Crops are mostly enlarged
     (scale < 1 of a load size close to the output size), where the two agree.
+    Geometry and sampling run in float32 (float64 for float64 input) with autocast off, on every
+    device: a bf16 feature map cropped under autocast (DenseSiam's seg forward) would otherwise
+    get a bf16 theta/grid or bf16 weights, up to ~0.4 cells off on an 80 x 80 map. The result
+    has the input's dtype.
     """
     batch, channels, height, width = images.shape
-    x0, y0, x1, y1 = boxes.unbind(dim=1)
-    if images.is_cuda:
-        sign = 1.0 - 2.0 * flips.float()
-        theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
-        theta[:, 0, 0] = (x1 - x0) * sign
-        theta[:, 0, 2] = x0 + x1 - 1
-        theta[:, 1, 1] = y1 - y0
-        theta[:, 1, 2] = y0 + y1 - 1
-        grid = F.affine_grid(theta, (batch, channels, out_size, out_size), align_corners=False)
-        out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
-    else:
-        rows = _resample_matrix(y0, y1, torch.zeros_like(flips), height, out_size, interpolation).to(images.dtype)
-        cols = _resample_matrix(x0, x1, flips, width, out_size, interpolation).to(images.dtype)
-        out = images.reshape(batch, channels * height, width) @ cols.transpose(1, 2)  # B x CH x S: along each row
-        out = rows.unsqueeze(1) @ out.view(batch, channels, height, out_size)          # B x C x S x S: along columns
-    return out.clamp_(0, 1) if interpolation == "bicubic" else out
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    x0, y0, x1, y1 = boxes.to(dtype).unbind(dim=1)
+    with torch.autocast(images.device.type, enabled=False):
+        source = images.to(dtype)
+        if images.is_cuda:
+            sign = 1.0 - 2.0 * flips.to(dtype)
+            theta = torch.zeros(batch, 2, 3, device=images.device, dtype=dtype)
+            theta[:, 0, 0] = (x1 - x0) * sign
+            theta[:, 0, 2] = x0 + x1 - 1
+            theta[:, 1, 1] = y1 - y0
+            theta[:, 1, 2] = y0 + y1 - 1
+            grid = F.affine_grid(theta, (batch, channels, out_size, out_size), align_corners=False)
+            out = F.grid_sample(source, grid, mode=interpolation, padding_mode="border",
+                                align_corners=False)
+        else:
+            no_flips = torch.zeros_like(flips)
+            rows = _resample_matrix(y0, y1, no_flips, height, out_size, interpolation)
+            cols = _resample_matrix(x0, x1, flips, width, out_size, interpolation)
+            out = source.reshape(batch, channels * height, width) @ cols.transpose(1, 2)  # BxCHxS
+            out = rows.unsqueeze(1) @ out.view(batch, channels, height, out_size)  # B x C x S x S
+    out = out.clamp_(0, 1) if interpolation == "bicubic" else out
+    return out.to(images.dtype)
 
 
 def _resample_matrix(start, end, flips, in_size, out_size, interpolation):

@@ -17,7 +17,7 @@ same image. With a cross-entropy distance and N = number of classes the same net
         lambda1 = log N_aux / (log N + log N_aux), lambda4 = log N / (log N + log N_aux), lambda3 = 1
 
 The official code (ZwwWayne/DenseSiam) released only the segmentation mode; the ImageNet pretraining mode here is
-re-implemented from the paper (shared/notes/methods.md §5). Both live in this file and share the losses.
+re-implemented from the paper (Sec. 3, 5.1, Table 4). Both live in this file and share the losses.
 
 Commands:
     python densesiam.py                                   # pretraining, built-in data, CPU defaults (80 steps at
@@ -28,7 +28,9 @@ Commands:
     python densesiam.py --task seg                        # unsupervised segmentation, built-in synthetic set
                                                           # (~1.5 CPU-minutes; mIoU at init vs after training)
     torchrun --nproc_per_node=4 densesiam.py --task seg --preset cocostuff27 --data /path/to/cocostuff27 \\
-        --init resnet18_imagenet.pth                      # paper setting (needs the supervised ImageNet weights)
+        --init resnet18_imagenet.pth                      # paper setting (supervised ImageNet
+                                                          # weights); without --init it stops,
+                                                          # unless --no-require-init is given
 """
 
 import dataclasses
@@ -117,7 +119,8 @@ class SegConfig:
     synthetic_size: int = 512        # images in the built-in training set (val is a quarter of it)
     image_size: int = 32             # px of each training view (feature map = image_size / 4); paper: 320
     load_size: int = 0               # px of the square the loader decodes to; 0 = 2 * image_size (paper: 640)
-    eval_size: int = 0               # px the val images are resized to; 0 = image_size (paper: 320)
+    eval_size: int = 0               # px val images and labels are resized to (scored there);
+                                     # 0 = image_size (paper: 320)
     workers: int = 8                 # DataLoader workers per process (folder data only)
     num_classes: int = 6             # N: segmentation head channels = classes of the data set; paper: 27
     num_things: int = 3              # classes 0..num_things-1 are "things", the rest "stuff"; COCO-Stuff-27: 12
@@ -125,6 +128,8 @@ class SegConfig:
     arch: str = "resnet18"           # paper: resnet18
     stem: str = "imagenet"
     init: str = ""                   # torchvision ResNet state_dict to start from; paper: supervised ImageNet weights
+    require_init: bool = False       # stop when --init is missing; --preset cocostuff27 sets it;
+                                     # --no-require-init trains from random weights anyway
     fpn_dim: int = 128               # FPN decoder / head hidden width; released code: 128
     num_aux_classes: int = 24        # N_aux of the over-clustering head; paper: 128
     dense_loss: str = "ce"           # PixSim distance; seg mode: ce (Eq. 3)
@@ -158,13 +163,20 @@ class SegConfig:
 SEG_PRESETS = {
     # Released config densesiam_r18_fpn_aux_seg-rebalance_4x64_sgd-fix-10e_coco-curated (methods.md §5.1).
     "cocostuff27": dict(image_size=320, load_size=640, eval_size=320, num_classes=27, num_things=12,
-                        num_aux_classes=128, batch_size=256, epochs=10, base_lr=0.05, region_start=0.8, workers=4),
+                        num_aux_classes=128, batch_size=256, epochs=10, base_lr=0.05,
+                        region_start=0.8, workers=4, require_init=True),
 }
 
 # Seg-mode photometric views (released code: brightness/contrast/saturation 0.3, hue 0.1, each p 0.8; gray 0.2;
 # blur p 0.5). NOTE: common.color_augment applies the four jitters together with p 0.8 in random order, the released
 # code draws each with its own p 0.8 in a fixed order. The crop of the recipe is unused (the seg geometry is shared).
-SEG_PHOTOMETRIC = common.ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+# Blur: the released config blurs the 640 px image with sigma in [0.1, 2] px
+# (ReplayRandomGaussianBlur). ViewRecipe's sigma is in px at 224 px, scaled with the image side,
+# hence [0.1, 2] * 224 / 640: [0.1, 2] px at 640 px, the same fraction of the image at any
+# --load-size. NOTE: the released transform takes the radius from the uniform draw that decided to
+# blur, so it is |U(-1.8, 0.1)| <= 1.8 px; we draw the config's [0.1, 2] px.
+SEG_PHOTOMETRIC = common.ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2,
+                                    blur_p=0.5, blur_sigma=(0.1 * 224 / 640, 2.0 * 224 / 640))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,7 +257,7 @@ class DenseSiam(nn.Module):
 
 
 class FPNDecoder(nn.Module):
-    """PiCIE-style simplified FPN of the seg mode (paper Sec. 4, methods.md §5.1).
+    """PiCIE's simplified FPN, as in the seg mode (Sec. 4; released models/architectures/picie.py).
 
     1x1 lateral convs (with bias) bring res5..res2 to `dim` channels; top-down: bilinear upsample (align_corners=False)
     and add. No 3x3 smoothing, no norm, no activation. Output: the res2-resolution map (stride 4)."""
@@ -319,7 +331,7 @@ def load_init_weights(backbone, path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# PixSim geometry: K x K grid inside the intersection of two crops (methods.md §5.3, cross-check D6)
+# PixSim geometry: K x K grid inside the intersection of two crops (Sec. 3.2; test_d6_grid_recipe)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def box_intersection(boxes1, boxes2):
@@ -358,15 +370,26 @@ def intersection_grids(boxes1, flips1, boxes2, flips2, grid_size):
 
 
 def grid_sample_points(maps, grid):
-    """Bilinear samples of B x C x H x W maps at B x K x K x 2 grid points -> B x C x K x K."""
-    return F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    """Bilinear samples of B x C x H x W maps at B x K x K x 2 grid points -> B x C x K x K (fp32).
+
+    One edge of the intersection lies on an edge of one of the views, so the outer points fall in
+    the outer half cell of that view's map: padding_mode="border" reads them from the edge cells
+    (zero padding would blend in zeros: 2.5 -> 0.78 on a 2 x 2 map). It is the rule of crop_resize
+    and of F.interpolate, which crops the feature map in the released seg code (ZwwWayne/DenseSiam
+    densesiam/datasets/pipelines/index_transforms.py, ReplayRandomResizedCrop); the released code
+    has no grid sampling (its pretraining mode is not released).
+    Float32 with autocast off: a bf16 grid would move the points by up to ~0.05 cells at 56 x 56."""
+    with torch.autocast(maps.device.type, enabled=False):
+        return F.grid_sample(maps.float(), grid.float(), mode="bilinear", padding_mode="border",
+                             align_corners=False)
 
 
 def replay_crop(side_fraction, top_fraction, left_fraction, size):
     """The released seg code's square crop of a size x size map from fractions (tensors) -> (side, top, left).
 
-    side = floor(s * size), top = round((size - side) * a), left = round((size - side) * b), rounding half to even
-    like Python's round. Computed in float64 so the numbers match the released code's (cross-check D5)."""
+    side = floor(s * size), top = round((size - side) * a), left = round((size - side) * b),
+    rounding half to even like Python's round. In float64, to match the released numbers
+    (test_d5_replay_crop)."""
     side = torch.floor(side_fraction.double() * size)
     return side, torch.round((size - side) * top_fraction.double()), torch.round((size - side) * left_fraction.double())
 
@@ -375,14 +398,67 @@ def seg_crop_boxes(batch, size, scale, generator, device):
     """Seg mode's shared geometric transform: one square crop (side fraction in `scale`) and one flip (p 0.5) per
     image, as edge-based normalised boxes of the size x size input.
 
-    NOTE: the released code rounds the crop separately for the 640 px image (view 1) and the 80 px feature map
-    (view 2), so the two are only aligned to within half a feature cell (cross-check D5). We round once, on the
-    image, and crop the feature map with the same normalised box, which aligns them exactly. It also draws each
-    image's crop once for the whole run (replay); we draw a new one every step."""
+    NOTE: the released code rounds the crop separately for the 640 px image (view 1) and the 80 px
+    feature map (view 2), so the two are only aligned to within half a feature cell
+    (test_d5_replay_crop). We round once, on the image, and crop the feature map with the same
+    normalised box (float32 geometry even under autocast, see common.crop_resize), which aligns them
+    exactly. It also draws each image's crop once for the whole run (replay); we draw a new one
+    every step."""
     u = torch.rand(batch, 4, generator=generator, device=device)
     side, top, left = replay_crop(scale[0] + (scale[1] - scale[0]) * u[:, 0], u[:, 1], u[:, 2], size)
     boxes = torch.stack([left, top, left + side, top + side], dim=1) / size
     return boxes.float(), u[:, 3] < 0.5
+
+
+def seg_views(colour1, colour2, boxes, flips, size):
+    """The two seg-mode views (normalised, B x 3 x size x size) of photometric copies colour1/2.
+
+    View 1 = crop (boxes, flips) of colour1 resized to size; view 2 = all of colour2 resized to
+    size. Both go through the same antialiased resize.
+    NOTE: the released code shrinks view 1 with F.interpolate, without antialiasing
+    (ReplayRandomResizedCrop in densesiam/datasets/pipelines/index_transforms.py), and view 2 with
+    PIL's resize, which antialiases (densesiam/datasets/cluster_replay_dataset.py); the val images
+    are PIL-resized too. We antialias both views."""
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device).expand(len(boxes), 4)
+    view1 = antialiased_crop_resize(colour1, boxes, flips, size)
+    view2 = antialiased_crop_resize(colour2, whole, torch.zeros_like(flips), size)
+    return common.normalize(view1), common.normalize(view2)
+
+
+def antialiased_crop_resize(images, boxes, flips, size):
+    """Each image's box (edge-based, normalised, on whole pixels) resized to size x size, mirrored
+    where flips is True, as F.interpolate(crop, mode="bilinear", antialias=True) of each crop would
+    (PIL's bilinear resize does the same).
+
+    Separable: out_b = rows_b @ image_b @ cols_b^T (_antialias_weights), no per-image loop or sync.
+    NOTE: on CUDA, cuda_setup's TF32 matmuls round pixels by up to ~1e-3 (1/4 of a uint8 step)."""
+    batch, channels, height, width = images.shape
+    x0, y0, x1, y1 = boxes.float().unbind(dim=1)
+    rows = _antialias_weights(y0, y1, torch.zeros_like(flips), height, size)   # B x S x H
+    cols = _antialias_weights(x0, x1, flips, width, size)                      # B x S x W
+    out = images.float() @ cols.transpose(1, 2).unsqueeze(1)                  # B x C x H x S
+    return rows.unsqueeze(1) @ out                                             # B x C x S x S
+
+
+def _antialias_weights(start, end, flips, in_size, out_size):
+    """B x out_size x in_size weights of torch's antialiased bilinear resize of the segment
+    [start, end] (B each, in [0, 1] units of a length-in_size signal) to out_size samples, in
+    reverse order where flips is True.
+
+    With scale = input pixels per output pixel, output j is centred at start + (j + 0.5) * scale
+    and takes the segment's input pixels with weight 1 - distance / max(scale, 1) between centres
+    (a triangle as wide as the scale when shrinking, plain bilinear when enlarging), renormalised
+    to sum 1 (which clamps at the segment's ends)."""
+    first, last = start * in_size, end * in_size                  # B: segment edges, input pixels
+    scale = (last - first) / out_size
+    centres = torch.arange(out_size, device=start.device, dtype=torch.float32) + 0.5
+    centres = torch.where(flips.view(-1, 1), out_size - centres, centres)   # B x out, mirrored
+    centres = first.view(-1, 1) + centres * scale.view(-1, 1)     # B x out, input pixels
+    pixels = torch.arange(in_size, device=start.device, dtype=torch.float32) + 0.5
+    distance = (pixels - centres.unsqueeze(-1)).abs()             # B x out x in
+    weights = (1 - distance / scale.clamp(min=1).view(-1, 1, 1)).clamp_(min=0)
+    weights *= (pixels > first.view(-1, 1, 1)) & (pixels < last.view(-1, 1, 1))   # segment only
+    return weights / weights.sum(dim=-1, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -397,9 +473,9 @@ def negative_cosine(p, z):
 def ce_similarity(p, z):
     """Eq. 3 per position: cross-entropy between class distributions along dim 1, target stop-gradded.
 
-    NOTE: the paper writes -softmax(p) . log softmax(z); the released code (and cross-check D1) uses the target z
-    as the distribution and p inside the log, -softmax(z) . log softmax(p), a proper cross-entropy of p against z.
-    We follow the code."""
+    NOTE: the paper writes -softmax(p) . log softmax(z); the released code uses the target z as the
+    distribution and p inside the log, -softmax(z) . log softmax(p), a proper cross-entropy of p
+    against z (its value: test_d1_ce_similarity). We follow the code."""
     return -(F.softmax(z.detach().float(), dim=1) * F.log_softmax(p.float(), dim=1)).sum(dim=1)
 
 
@@ -458,7 +534,8 @@ def self_label_loss(logits, target_logits, rebalance):
     NOTE: with rebalance each pixel loss is multiplied by the batch frequency of its pseudo-class, as the released
     code does (rebalance_seg=True: F.cross_entropy(weight=frequency, reduction='none')). The weights are raw
     frequencies, not renormalised, so frequent classes weigh MORE and the term is ~1/N of the unweighted one; the
-    paper calls it "class-balanced". We keep the code's behaviour: its numbers are the published ones (check D2)."""
+    paper calls it "class-balanced". We keep the code's behaviour: its numbers are the published
+    ones (test_d2_self_label_loss)."""
     labels = target_logits.detach().argmax(dim=1)                          # B x H x W
     weight = None
     if rebalance:
@@ -613,23 +690,38 @@ class SegFolder(torch.utils.data.Dataset):
         return image, label[0].long()
 
 
-def make_seg_loader(cfg, split, batch_per_rank, dist, load_size, shuffle, drop_last):
-    """Loader yielding (images uint8 B x 3 x L x L, labels int64 B x L x L) on the device."""
+def make_seg_loader(cfg, split, batch_per_rank, dist, size, shuffle, drop_last):
+    """Loader yielding (images uint8 B x 3 x L x L, labels int64 B x L x L) on the device, L = size.
+
+    The built-in set draws its scenes at this size (the same scenes at any size, up to noise)."""
     if cfg.data == "synthetic":
         n_train, n_val = cfg.synthetic_size, max(cfg.synthetic_size // 4, 8)
-        images, labels = make_synthetic_segmentation(n_train + n_val, load_size, seed=12345, num_things=cfg.num_things,
+        images, labels = make_synthetic_segmentation(n_train + n_val, size, seed=12345,
+                                                     num_things=cfg.num_things,
                                                      num_stuff=cfg.num_classes - cfg.num_things)
         part = slice(0, n_train) if split == "train" else slice(n_train, None)
         loader = common.TensorLoader(images[part].to(dist.device), labels[part].to(dist.device), batch_per_rank,
                                      dist.rank, dist.world_size, cfg.seed, shuffle, drop_last)
     else:
-        dataset = SegFolder(cfg.data, split, load_size)
+        dataset = SegFolder(cfg.data, split, size)
         loader = common.FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, cfg.seed, dist.device,
                                      cfg.workers, shuffle, drop_last)
     if len(loader) == 0:
         raise InputError(f"--data {cfg.data} ({split}): fewer images than one batch of {batch_per_rank} per rank "
                          f"x {dist.world_size} ranks")
     return loader
+
+
+def make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size):
+    """Training loader at load_size px (the views are cut from it); val loader at eval_size px,
+    labels included: the released evaluation resizes val images (bilinear) and labels (nearest) to
+    320 px and scores there (ZwwWayne/DenseSiam densesiam/datasets/coco_eval_dataset.py; res=320
+    in the config)."""
+    train_loader = make_seg_loader(cfg, "train", batch_per_rank, dist, load_size, shuffle=True,
+                                   drop_last=True)
+    val_loader = make_seg_loader(cfg, "val", max(1, min(64, batch_per_rank)), dist, eval_size,
+                                 shuffle=False, drop_last=False)
+    return train_loader, val_loader
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -694,26 +786,44 @@ def confusion_matrix(pred, target, num_classes, ignore_index=255):
     return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def mean_iou(matched, present):
+    """mIoU of a square class x class matrix (rows ground truth, columns prediction): per class
+    IoU = tp / (row + column - tp), 0 where that union is empty; mean over the `present` classes."""
+    true_pos = matched.diag()
+    union = matched.sum(0) + matched.sum(1) - true_pos
+    return (true_pos / union.clamp(min=1))[present].mean().item()
+
+
 def segmentation_scores(confusion, thing_classes=()):
     """Match clusters to classes one-to-one maximising matched pixels (Hungarian), then mIoU and pixel accuracy.
 
     Returns dict(miou, pixel_acc, [miou_things, miou_stuff], cluster_to_class: cluster k is read as that class).
-    Classes absent from both ground truth and matched predictions are left out of the means."""
+    Classes absent from both ground truth and matched predictions are left out of the means.
+    miou_things / miou_stuff (mIoU^Th / mIoU^St, Table 3) as the released evaluator computes them
+    (ZwwWayne/DenseSiam densesiam/core/evaluators/cluster_mIoU_evaluator.py, evaluate(); the same
+    as PiCIE's commons.py evaluate()): the SAME matching as miou, then the mIoU of the things x
+    things and stuff x stuff blocks of the matched matrix. A thing pixel predicted as a stuff class
+    counts against neither group, so both can exceed the overall mIoU (Table 3: 16.4 overall with
+    24.5 stuff and 29.5 things).
+    NOTE: the released code permutes the ROWS of the confusion matrix into cluster order and takes
+    its first 12 rows and columns: the classes matched to clusters 0-11, which depends on the
+    network's arbitrary channel order (its comment says "re-ordered to 12 thing + 15 stuff
+    classes"). We take the thing and stuff classes' blocks, as that comment and the paper
+    (Sec. 5.1, "mean IoU of stuff and things classes") intend.
+    NOTE: a present class whose block row and column are empty (all its pixels predicted as the
+    other group, its cluster used only there) scores IoU 0 here; the released nanmean skips it."""
     confusion = confusion.double().cpu()
     cluster_to_class = linear_assignment(confusion.max() - confusion.t())  # rows: clusters, columns: classes
     matched = torch.zeros_like(confusion)
     matched[:, cluster_to_class] = confusion                              # predicted cluster k -> its class column
-    true_pos = matched.diag()
-    union = matched.sum(0) + matched.sum(1) - true_pos
-    iou = true_pos / union.clamp(min=1)
-    present = union > 0
-    scores = dict(miou=iou[present].mean().item(), pixel_acc=(true_pos.sum() / matched.sum().clamp(min=1)).item(),
-                  cluster_to_class=cluster_to_class)
+    present = (matched.sum(0) + matched.sum(1)) > 0          # in the labels or matched predictions
+    scores = dict(miou=mean_iou(matched, present), cluster_to_class=cluster_to_class,
+                  pixel_acc=(matched.diag().sum() / matched.sum().clamp(min=1)).item())
     if len(thing_classes):
-        is_thing = torch.zeros(len(iou), dtype=torch.bool)
+        is_thing = torch.zeros(len(matched), dtype=torch.bool)
         is_thing[list(thing_classes)] = True
-        scores["miou_things"] = iou[present & is_thing].mean().item()
-        scores["miou_stuff"] = iou[present & ~is_thing].mean().item()
+        for name, group in (("miou_things", is_thing), ("miou_stuff", ~is_thing)):
+            scores[name] = mean_iou(matched[group][:, group], present[group])
     return scores
 
 
@@ -869,9 +979,7 @@ def train_seg(cfg, dist):
     batch_per_rank = world_batch // dist.world_size
     load_size = cfg.load_size or 2 * cfg.image_size
     eval_size = cfg.eval_size or cfg.image_size
-    train_loader = make_seg_loader(cfg, "train", batch_per_rank, dist, load_size, shuffle=True, drop_last=True)
-    val_loader = make_seg_loader(cfg, "val", max(1, min(64, batch_per_rank)), dist, load_size, shuffle=False,
-                                 drop_last=False)
+    train_loader, val_loader = make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.base_lr * world_batch / 256  # NOTE: constant lr (Sec. 5.1: "the constant learning schedule works better")
@@ -943,9 +1051,7 @@ def train_seg(cfg, dist):
             colour1 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
             colour2 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
             boxes, flips = seg_crop_boxes(images.shape[0], load_size, cfg.crop_scale, generator, images.device)
-            view1 = common.normalize(crop_resize(colour1, boxes, flips, cfg.image_size))
-            view2 = common.normalize(F.interpolate(colour2, size=(cfg.image_size, cfg.image_size), mode="bilinear",
-                                                   align_corners=False, antialias=True))
+            view1, view2 = seg_views(colour1, colour2, boxes, flips, cfg.image_size)
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 outputs = online_forward(view1.contiguous(memory_format=memory_format),
@@ -998,6 +1104,10 @@ def check_config(cfg, world_size):
                      f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {cfg.crop_scale}")
         common.check(cfg.image_size % 32 == 0, f"--image-size must be a multiple of 32 (FPN), got {cfg.image_size}")
         common.check(not cfg.init or Path(cfg.init).is_file(), f"--init {cfg.init}: no such file")
+        common.check(cfg.init or not cfg.require_init,
+                     "--init is required (--require-init, on in --preset cocostuff27): the paper "
+                     "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
+                     "resnet18_imagenet.pth, or --no-require-init to train from random weights")
     else:
         common.check(cfg.grid_size >= 1, f"--grid-size must be >= 1, got {cfg.grid_size}")
 

@@ -1,4 +1,4 @@
-"""DenseSiam: cross-checks D1-D6 of shared/notes/methods.md §8 and the invariants of issue 5."""
+"""DenseSiam: released seg-mode values (D1-D6), PixSim geometry, losses, seg evaluation, runs."""
 import dataclasses
 import itertools
 import json
@@ -17,7 +17,10 @@ from ddp_runner import ROOT
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Cross-checks D1-D6 (values from running the official seg-mode functions, notes §8)
+# D1-D5: values from running the released seg-mode functions (ZwwWayne/DenseSiam @ 99f8ce1:
+# densesiam/models/architectures/densesiam.py; ReplayRandomResizedCrop in
+# densesiam/datasets/pipelines/index_transforms.py). D6: this repo's PixSim grid (Sec. 3.2),
+# a hand-checked case.
 # ----------------------------------------------------------------------------------------------------------------------
 def test_d1_ce_similarity():
     torch.manual_seed(0)
@@ -130,6 +133,52 @@ def test_grid_points_map_to_same_original_pixels(flip1, flip2):
     assert torch.allclose(where1[0, 0, 0], expected_x, atol=1.0 / size)
 
 
+FLIPS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("flip1,flip2", FLIPS)
+def test_constant_map_reads_the_constant_at_every_grid_point(flip1, flip2):
+    """One edge of the intersection lies on an edge of one view, so the outer grid points fall in
+    the outer half cell of that view's map: they must read its edge cells, not blend in zeros."""
+    count = 200
+    generator = torch.Generator().manual_seed(0)
+    boxes1, boxes2 = (common.sample_crop_boxes(count, 64, 64, (0.2, 1.0), (3 / 4, 4 / 3),
+                                               generator, "cpu") for _ in range(2))
+    flips1, flips2 = torch.full((count,), flip1), torch.full((count,), flip2)
+    grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips1, boxes2, flips2, 7)
+    assert valid.sum() >= 150
+    for size in (2, 7):                                  # res5 of a 64 px and of a 224 px view
+        constant = torch.full((count, 3, size, size), 2.5)
+        for grid in (grid1, grid2):
+            sampled = densesiam.grid_sample_points(constant, grid)[valid]   # valid x 3 x K x K
+            low = sampled.min()
+            assert (sampled - 2.5).abs().max() < 1e-5, f"{size}x{size} map read as {low:.3f}"
+
+
+def ramp_map(batch, size):
+    """batch x 2 x size x size float32 map whose channels hold each cell's column and row index
+    (integers, exact in bf16 up to 256)."""
+    index = torch.arange(size, dtype=torch.float32)
+    columns, rows = index.expand(size, size), index[:, None].expand(size, size)
+    return torch.stack([columns, rows])[None].expand(batch, -1, -1, -1)
+
+
+def test_grid_sample_points_geometry_is_float32_under_bf16_autocast():
+    """Under autocast a bf16 map is read at the float32 grid points (the grid is not rounded)."""
+    generator = torch.Generator().manual_seed(1)
+    boxes1, boxes2 = (common.sample_crop_boxes(16, 64, 64, (0.2, 1.0), (3 / 4, 4 / 3),
+                                               generator, "cpu") for _ in range(2))
+    flips = torch.rand(16, generator=generator) < 0.5
+    grid1, _, valid = densesiam.intersection_grids(boxes1, flips, boxes2, ~flips, 7)
+    ramp = ramp_map(16, 56)                                       # res2 of a 224 px view
+    reference = densesiam.grid_sample_points(ramp, grid1)        # float32: positions in cells
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled = densesiam.grid_sample_points(ramp.bfloat16(), grid1)
+    error = (sampled.float() - reference)[valid].abs().max()
+    assert sampled.dtype == torch.float32
+    assert error < 1e-4, f"positions off by up to {error:.3f} cells"
+
+
 def test_empty_intersection_is_masked():
     boxes1 = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.0, 0.0, 0.6, 0.6]])
     boxes2 = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.4, 0.4, 1.0, 1.0]])
@@ -195,6 +244,40 @@ def test_segmentation_scores_perfect_permuted_prediction():
     random_pred = torch.randint(0, num_classes, target.shape)
     scores = densesiam.segmentation_scores(densesiam.confusion_matrix(random_pred, target, num_classes))
     assert 0.0 <= scores["miou"] < 0.5 and 0.0 <= scores["pixel_acc"] <= 1.0
+
+
+def test_things_and_stuff_miou_by_hand():
+    """mIoU^St / mIoU^Th as the released evaluator computes them: ONE Hungarian matching over all
+    classes, then the mIoU of the things x things and stuff x stuff blocks of the matched matrix,
+    so pixels confused between a thing and a stuff class count in neither. This is how Table 3
+    can report 16.4 overall with 24.5 stuff and 29.5 things."""
+    # Rows: ground truth, classes 0 and 1 things, 2 and 3 stuff. Column j: pixels predicted as the
+    # cluster matched to class j. Each row's largest count is on the diagonal, so the Hungarian
+    # matching is the diagonal one (25 of 40 pixels).
+    matched = torch.tensor([[8, 2, 2, 0],
+                            [1, 6, 0, 3],
+                            [2, 0, 5, 1],
+                            [0, 2, 2, 6]])
+    class_of_cluster = [2, 0, 3, 1]                  # the network numbers its clusters its own way
+    confusion = matched[:, class_of_cluster]         # column k: cluster k
+    # All classes, IoU = tp / (row sum + column sum - tp):
+    #   class 0: 8 / (12 + 11 - 8) = 8/15     class 1: 6 / (10 + 10 - 6) = 3/7
+    #   class 2: 5 / (8 + 9 - 5) = 5/12       class 3: 6 / (10 + 10 - 6) = 3/7     mean 0.451786
+    # Things block [[8, 2], [1, 6]]: 8 / (10 + 9 - 8) = 8/11, 6 / (7 + 8 - 6) = 2/3: 23/33 = 0.6970
+    # Stuff block [[5, 1], [2, 6]]:  5 / (6 + 7 - 5) = 5/8,   6 / (8 + 7 - 6) = 2/3: 31/48 = 0.6458
+    scores = densesiam.segmentation_scores(confusion, thing_classes=(0, 1))
+    assert scores["cluster_to_class"].tolist() == class_of_cluster
+    assert scores["miou"] == pytest.approx((8 / 15 + 3 / 7 + 5 / 12 + 3 / 7) / 4, abs=1e-9)
+    assert scores["miou_things"] == pytest.approx(23 / 33, abs=1e-9)
+    assert scores["miou_stuff"] == pytest.approx(31 / 48, abs=1e-9)
+    assert scores["pixel_acc"] == pytest.approx(25 / 40, abs=1e-9)
+    # Thing class 0 predicted only as the cluster of stuff class 2: its things block [[0]] is
+    # empty, IoU 0 (the released nanmean would skip it). Matching: the diagonal (11 pixels) beats
+    # every other permutation (at most 6). Stuff block [[5, 1], [1, 6]]: 5/7 and 6 / (7 + 7 - 6).
+    confusion = torch.tensor([[0, 0, 4], [0, 5, 1], [0, 1, 6]])
+    scores = densesiam.segmentation_scores(confusion, thing_classes=(0,))
+    assert scores["miou_things"] == 0.0
+    assert scores["miou_stuff"] == pytest.approx((5 / 7 + 3 / 4) / 2, abs=1e-9)
 
 
 def test_synthetic_segmentation_set():
@@ -293,6 +376,76 @@ def test_seg_crop_boxes_are_squares_inside_the_image():
     assert torch.allclose(sides, boxes[:, 3] - boxes[:, 1]) and (sides >= 0.5 - 1e-6).all() and (sides <= 1).all()
     assert (boxes >= 0).all() and (boxes <= 1).all() and flips.any() and (~flips).any()
     assert torch.allclose(boxes * 640, (boxes * 640).round(), atol=1e-3)   # whole pixels of the input, as released
+
+
+def test_seg_blur_sigma_is_the_released_pixels_at_640():
+    """Released config: ReplayRandomGaussianBlur(sigma=[0.1, 2.0]) on the 640 px image, so the
+    blur's standard deviation is at most 2 px at load size 640 (not 2 px at 224 scaled to 5.7)."""
+    batch, width = 64, 640
+    impulse = torch.zeros(batch, 3, 1, width)                     # one bright column per image
+    impulse[..., width // 2] = 1.0
+    recipe = dataclasses.replace(densesiam.SEG_PHOTOMETRIC, jitter_p=0.0, gray_p=0.0, blur_p=1.0)
+    generator = torch.Generator().manual_seed(0)
+    blurred = common.color_augment(impulse, recipe, generator)[:, 0, 0]          # B x W
+    offsets = (torch.arange(width) - width // 2).float()
+    sigma = ((blurred * offsets ** 2).sum(1) / blurred.sum(1)).sqrt()           # measured, px
+    assert sigma.max() <= 2.0 + 1e-3, f"blur sigma up to {sigma.max():.2f} px at 640 px"
+    assert sigma.max() > 1.5                                      # and the range is used
+
+
+def test_seg_views_resample_both_views_alike():
+    """Both views are shrunk the same way, with antialiasing (the released view 2 and the val
+    images go through PIL's resize): view 1 = the crop (whole pixels) resized as
+    F.interpolate(antialias=True), mirrored where flipped."""
+    def shrink(images):
+        return F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False,
+                             antialias=True)
+
+    torch.manual_seed(0)
+    colour = torch.rand(4, 3, 64, 64)
+    whole, no_flip = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4), torch.zeros(4).bool()
+    view1, view2 = densesiam.seg_views(colour, colour, whole, no_flip, 32)
+    assert (view1 - view2).abs().max() < 1e-4                     # same image and box: same view
+    assert (view2 - common.normalize(shrink(colour))).abs().max() < 1e-4
+    pixels = [(8, 4, 56, 52), (0, 16, 48, 64), (10, 10, 64, 64), (20, 20, 44, 44)]   # l, t, r, b
+    boxes, flips = torch.tensor(pixels) / 64.0, torch.tensor([True, False, True, False])
+    view1, _ = densesiam.seg_views(colour, colour, boxes, flips, 32)
+    for index, (left, top, right, bottom) in enumerate(pixels):   # sides 48, 48, 54 and 24
+        expected = shrink(colour[index:index + 1, :, top:bottom, left:right])
+        expected = expected.flip(-1) if flips[index] else expected
+        assert (view1[index:index + 1] - common.normalize(expected)).abs().max() < 1e-4, index
+
+
+def test_seg_val_labels_are_scored_at_eval_size():
+    """Released eval (CocoEvalDataset, res=320): val images and labels are resized to 320 px (the
+    training images are loaded at 640) and the labels are scored at 320."""
+    cfg = seg_config(synthetic_size=16)
+    dist = common.Dist(0, 0, 1, torch.device("cpu"))
+    train_loader, val_loader = densesiam.make_seg_loaders(cfg, dist, 8, load_size=64, eval_size=32)
+    train_images, _ = next(iter(train_loader))
+    val_images, val_labels = next(iter(val_loader))
+    assert train_images.shape[-2:] == (64, 64)
+    assert val_images.shape[-2:] == (32, 32) and val_labels.shape[-2:] == (32, 32)
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_crop_resize_geometry_is_float32_under_bf16_autocast(device):
+    """The seg forward crops a bf16 feature map under autocast: it must read the positions of the
+    float32 geometry (theta, grid, interpolation weights); only the result is rounded to bf16."""
+    generator = torch.Generator().manual_seed(0)
+    boxes, flips = densesiam.seg_crop_boxes(8, 640, (0.5, 1.0), generator, "cpu")
+    boxes, flips = boxes.to(device), flips.to(device)
+    ramp = ramp_map(8, 80).to(device)                            # the map of a 320 px view
+    reference = common.crop_resize(ramp, boxes, flips, 80)       # float32: positions in cells
+    with torch.autocast(device, dtype=torch.bfloat16):
+        sampled = common.crop_resize(ramp.bfloat16(), boxes, flips, 80)
+    error = (sampled.float() - reference).abs().max()
+    assert sampled.dtype == torch.bfloat16
+    assert torch.equal(sampled, reference.bfloat16()), f"up to {error:.3f} cells off"
 
 
 def test_seg_evaluation_returns_fractions():
@@ -402,12 +555,25 @@ def test_seg_short_training_beats_initialisation(tmp_path):
     (["--task", "seg", "--num-things", "9"], "--num-things < --num-classes"),
     (["--task", "seg", "--data", "/nowhere"], "expected folder /nowhere/images/train"),
     (["--task", "seg", "--init", "/nowhere.pth"], "--init /nowhere.pth: no such file"),
+    (["--task", "seg", "--preset", "cocostuff27"], "--init is required (--require-init, on in"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         densesiam.main(["--out", str(tmp_path), "--device", "cpu", "--epochs", "1", "--synthetic-size", "16"] + args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cocostuff27_trains_from_random_weights_only_when_asked():
+    """The paper's seg mode starts from a supervised ImageNet ResNet-18 (Sec. 5.1);
+    --no-require-init is the explicit opt-out."""
+    paper = ["--task", "seg", "--preset", "cocostuff27"]
+    with pytest.raises(common.InputError, match="--init is required"):
+        densesiam.check_config(densesiam.parse_config(paper), 1)
+    cfg = densesiam.parse_config(paper + ["--no-require-init"])
+    densesiam.check_config(cfg, 1)
+    assert cfg.init == "" and not cfg.require_init
+    densesiam.check_config(densesiam.parse_config(["--task", "seg"]), 1)   # CPU default: allowed
 
 
 def test_init_weights_from_a_torchvision_state_dict(tmp_path):
