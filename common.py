@@ -155,6 +155,10 @@ def check_common_config(cfg, world_size):
     check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
     check(cfg.batch_size % world_size == 0,
           f"--batch-size {cfg.batch_size} (global) is not divisible by the world size {world_size}")
+    # BatchNorm in training mode needs 2 values per channel; the projector's BN1d sees one per image.
+    check(cfg.batch_size // world_size >= 2,
+          f"--batch-size {cfg.batch_size} leaves 1 image per process ({world_size} process(es)); BatchNorm "
+          f"needs at least 2 per process to train: use --batch-size {2 * world_size} or more")
     check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     check(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")

@@ -118,6 +118,7 @@ METHODS = ["byol", "ladder_byol", "dense_byol", "densesiam", "lewel", "mcl"]
     (["--preset", "no-such-preset"], "unknown preset"),
     (["--resume"], "does not exist"),
     (["--data", "/no/such/folder"], "no such file or directory"),
+    (["--batch-size", "1"], "--batch-size 1 leaves 1 image per process"),
 ])
 def test_every_method_rejects_bad_input_with_one_line(tmp_path, capsys, method, args, message):
     module = __import__(method)
@@ -133,6 +134,10 @@ def test_batch_not_divisible_by_world_size_and_unknown_stage(capsys):
 
     with pytest.raises(common.InputError, match="not divisible by the world size 3"):
         common.check_common_config(byol.Config(batch_size=128), world_size=3)
+    # one image per process: BatchNorm has no batch statistics to train on; 2 per process is the least that works
+    with pytest.raises(common.InputError, match=r"--batch-size 4 leaves 1 image per process .* use --batch-size 8"):
+        common.check_common_config(byol.Config(batch_size=4), world_size=4)
+    common.check_common_config(byol.Config(batch_size=8), world_size=4)
     with pytest.raises(SystemExit):
         eval_linear.main(["--ckpt", "x.pt", "--stage", "res6", "--device", "cpu"])
     assert "--stage 'res6' is not one of res2, res3, res4, res5" in capsys.readouterr().err
