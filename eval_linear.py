@@ -7,26 +7,36 @@ Works for every method file (byol, ladder_byol, dense_byol, densesiam, lewel, mc
     python eval_linear.py --ckpt runs/byol/last.pt --random-init         # same architecture at initialisation
     python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --stage res2,res3,res4,res5
                                                                          # Ladder paper Table 7 layout
-    torchrun --nproc_per_node=8 eval_linear.py --ckpt last.pt --data /path/to/imagenet --probe augmented
+    torchrun --nproc_per_node=8 eval_linear.py --ckpt last.pt --data /path/to/imagenet \
+             --protocol byol                                # a paper's protocol (see PROTOCOLS)
     python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --stage res2,res3,res4,res5 --view-distance
                                                                          # Ladder paper Fig. 3: two-view distances
     python eval_linear.py --ckpt runs/byol/last.pt --export resnet.pth   # torchvision ResNet state_dict
     python eval_linear.py --ckpt runs/mcl/last.pt --export resnet.pth --export-detectron2 mcl_d2.pth --stage ""
                                                                          # + resnet_fpn_head.pth, detectron2 names
 
-Protocols:
+Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below):
     kNN      weighted kNN on L2-normalised global-average-pooled features, k=200, T=0.1 (InstDisc rule).
-    fast     linear classifier on cached features of the centre view (standardised per channel, like a BN without
-             affine in front of the classifier): SGD momentum 0.9, cosine lr, no weight decay. For small data.
-    augmented  the standard ImageNet protocol (BYOL/SimSiam style): frozen backbone in eval mode, RandomResizedCrop +
-             flip on the fly for training, resize + centre crop for validation, SGD momentum 0.9 (Nesterov), cosine
-             lr, no weight decay.
+    fast     (default) linear classifier on cached features of the centre view (standardised per
+             channel, like a BN without affine in front of the classifier): SGD momentum 0.9,
+             cosine lr, no weight decay. A quick probe for small data, no paper's protocol.
+    byol, ladder, lewel_b, lewel_m   each paper's linear evaluation as it states it: frozen
+             backbone in eval mode, a linear classifier (N(0, 0.01) init) on its pooled features,
+             RandomResizedCrop (scale 0.08-1) + flip for training, resize to 256/224 of the view +
+             centre crop for validation; optimiser, batch, epochs, lr and schedule from the paper.
+             byol first sweeps its lr on a held-out part of the train set (the whole grid in one
+             pass: one classifier per lr on the same features), then trains on the whole train set
+             with the best one. --probe-epochs / --probe-batch-size / --probe-lr override (step
+             milestones scale with the epochs, the lr linearly with the batch). DenseSiam and MCL
+             state no linear protocol (they fine-tune detectors and segmenters; see transfer.py).
+    none     kNN only.
     view distance  (--view-distance, instead of kNN and probe) two BYOL views of every val image (seeded: the same
              views for every checkpoint of the same image size and crop scale), frozen backbone in eval mode; the
              euclidean distance between the two views' GAP features per stage: raw (as the paper's Fig. 3), between
              l2-normalised features, and relative to the distance between features of different images.
 """
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -49,10 +59,11 @@ class Config:
     data: str = ""                    # "" = the data the checkpoint was trained on
     image_size: int = 0               # 0 = the checkpoint's image size
     random_init: bool = False         # also evaluate the first checkpoint's architecture at initialisation (first row)
-    probe: str = "fast"               # fast (cached features) | augmented (standard ImageNet protocol) | none (kNN only)
-    probe_epochs: int = 100           # fast: 100; augmented: 90 (SimSiam) / 80 (BYOL)
-    probe_lr: float = 0.0             # 0 = 1.0 for fast, 0.1 * batch/256 for augmented
-    batch_size: int = 256             # global batch of the probe
+    protocol: str = "fast"            # fast | byol | ladder | lewel_b | lewel_m | none (kNN only)
+    probe_epochs: int = 0             # 0 = the protocol's epochs
+    probe_lr: float = 0.0             # 0 = the protocol's lr (byol: best of its grid, held out)
+    probe_batch_size: int = 0         # 0 = the protocol's global batch
+    batch_size: int = 256             # global batch of feature extraction (kNN, fast cache, views)
     knn_k: int = 200
     knn_t: float = 0.1
     seed: int = 0
@@ -199,6 +210,114 @@ def export_all_formats(cfg, state):
         print0(f"exported {len(renamed)} tensors under detectron2 names to {cfg.export_detectron2}")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Linear-evaluation protocols, one per paper: frozen backbone, linear classifier on pooled features
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LinearProtocol:
+    """One paper's linear evaluation. `lrs` are the lrs at `batch_size`; more than one = a grid
+    swept on a held-out part of the train set (the best one then trains on the whole train set)."""
+    optimizer: str                  # sgd | lars (common.LARS: trust 1e-3, biases not adapted)
+    nesterov: bool
+    momentum: float
+    batch_size: int                 # global
+    epochs: int
+    lrs: tuple
+    weight_decay: float
+    schedule: str                   # cosine (lr to 0) | step (lr / 10 at every milestone reached)
+    milestones: tuple = ()          # 0-based epochs: 30 = lr / 10 from the 31st epoch on
+    per_step: bool = False          # cosine updated every step instead of once per epoch
+    interpolation: str = "bilinear"  # of the training RandomResizedCrop
+    source: str = ""
+
+
+# BYOL App. C.1 picks its lr on a held-out split but lists no values. Our grid: peak lrs at batch
+# 1024 = base lr (0.05, 0.1, 0.2, 0.4, 0.8) x 1024/256, centred on the official default base 0.2
+# (deepmind-research byol/configs/eval.py, scaled by batch/256 in byol/utils/schedules.py).
+BYOL_LR_GRID = (0.2, 0.4, 0.8, 1.6, 3.2)
+BYOL_HELDOUT = 10_000  # held-out train images (deepmind-research byol/utils/dataset.py Split.VALID)
+
+PROTOCOLS = {
+    # this repo's quick probe on cached centre-view features (no paper's protocol)
+    "fast": LinearProtocol("sgd", False, 0.9, 256, 100, (1.0,), 0.0, "cosine", per_step=True,
+                           source="this repo's quick probe"),
+    # BYOL App. C.1: SGD, Nesterov momentum 0.9, batch 1024, 80 ep, no weight decay, lr chosen
+    # on a held-out split
+    "byol": LinearProtocol("sgd", True, 0.9, 1024, 80, BYOL_LR_GRID, 0.0, "cosine", per_step=True,
+                           interpolation="bicubic", source="BYOL (arXiv:2006.07733) App. C.1"),
+    # Ladder Siamese Network Sec. 4 "Classification": SGD, 100 ep, cosine, with mmselfsup (whose
+    # config gives lr 0.3, momentum 0.9, wd 1e-6, batch 8x32: mmselfsup
+    # configs/benchmarks/classification/imagenet/resnet50_linear-8xb32-coslr-100e_in1k.py)
+    "ladder": LinearProtocol("sgd", False, 0.9, 256, 100, (0.3,), 1e-6, "cosine",
+                             source="Ladder Siamese Network (arXiv:2211.13844) Sec. 4"),
+    # LEWEL Sec. 4.1, LEWEL_B: SGD with momentum, batch 256, wd 0, lr 0.4 / 10 at epochs 30, 40,
+    # 50 ep
+    "lewel_b": LinearProtocol("sgd", False, 0.9, 256, 50, (0.4,), 0.0, "step", (30, 40),
+                              source="LEWEL (arXiv:2203.14898) Sec. 4.1, LEWEL_B"),
+    # LEWEL Sec. 4.1, LEWEL_M: LARS, batch 4096, lr 3.2, wd 0, cosine, 90 ep (following SimSiam)
+    "lewel_m": LinearProtocol("lars", False, 0.9, 4096, 90, (3.2,), 0.0, "cosine",
+                              source="LEWEL (arXiv:2203.14898) Sec. 4.1, LEWEL_M"),
+}
+# NOTE: where a paper is silent we follow the code it names or builds on:
+#   momentum 0.9: ladder (mmselfsup config above), lewel_b (LayneH/LEWEL main_lincls.py),
+#     lewel_m (facebookresearch/simsiam main_lincls.py);
+#   schedule: byol cosine to 0 per step, no warmup (deepmind-research byol/eval_experiment.py);
+#     ladder per-epoch cosine (mmselfsup CosineAnnealingLR by epoch); lewel_m per-epoch cosine
+#     (simsiam main_lincls.py);
+#   classifier init N(0, 0.01), bias 0, for all (LEWEL and SimSiam main_lincls.py, mmselfsup's
+#     linear head); BYOL's haiku Linear draws a truncated normal of std 1/sqrt(fan in) instead;
+#   crop interpolation: bicubic for byol (its official input pipeline), bilinear otherwise
+#     (torchvision's default, used by LEWEL, SimSiam, mmselfsup);
+#   LARS: common.LARS, whose parameter groups leave the bias unadapted; SimSiam's apex LARC adapts
+#     the bias too;
+#   byol's held-out split: a seeded random min(10,000, a tenth) of the train images (the official
+#     code holds out the first 10,000 of its TFDS train split).
+# NOTE: a folder's loader decodes each image to a centre square of 256/224 of the view side
+#   (common.make_loader), so the training RandomResizedCrop samples from that square, not from the
+#   whole image as torchvision's does.
+
+
+def protocol_lr(protocol, peak_lr, epoch):
+    """lr at `epoch` (0-based; fractional inside an epoch for per-step schedules). Pure function.
+
+    cosine: peak_lr * (1 + cos(pi * epoch / epochs)) / 2 (peak_lr at epoch 0, 0 at `epochs`);
+    step:   peak_lr * 0.1 ** (number of milestones <= epoch).
+    """
+    if protocol.schedule == "step":
+        return peak_lr * 0.1 ** sum(epoch >= milestone for milestone in protocol.milestones)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(epoch / protocol.epochs, 1.0)))
+
+
+def resolve_protocol(cfg):
+    """PROTOCOLS[cfg.protocol] with --probe-epochs / --probe-batch-size / --probe-lr applied, as a
+    new protocol: milestones scale with the epochs (30, 40 of 50 -> 3, 4 of 5), the lrs linearly
+    with the batch."""
+    protocol = PROTOCOLS[cfg.protocol]
+    epochs = cfg.probe_epochs or protocol.epochs
+    batch_size = cfg.probe_batch_size or protocol.batch_size
+    scale = batch_size / protocol.batch_size
+    lrs = (cfg.probe_lr,) if cfg.probe_lr else tuple(lr * scale for lr in protocol.lrs)
+    milestones = tuple(round(epoch * epochs / protocol.epochs) for epoch in protocol.milestones)
+    return dataclasses.replace(protocol, epochs=epochs, batch_size=batch_size, lrs=lrs,
+                               milestones=milestones)
+
+
+def describe_protocol(name, protocol):
+    """One line: optimiser, batch, epochs, lr(s), weight decay, schedule and source."""
+    if protocol.schedule == "step":
+        schedule = f"lr / 10 at epochs {', '.join(map(str, protocol.milestones))}"
+    else:
+        schedule = f"cosine per {'step' if protocol.per_step else 'epoch'}"
+    lrs = " | ".join(f"{lr:g}" for lr in protocol.lrs)
+    if len(protocol.lrs) > 1:
+        lrs += " (swept on a held-out split)"
+    nesterov = " nesterov" if protocol.nesterov else ""
+    return (f"{name} = {protocol.optimizer}{nesterov} momentum {protocol.momentum}, batch "
+            f"{protocol.batch_size}, {protocol.epochs} epochs, lr {lrs}, weight decay "
+            f"{protocol.weight_decay:g}, {schedule} ({protocol.source})")
+
+
 def train_fast_probe(train_x, train_y, val_x, val_y, epochs, lr, batch_size, seed):
     """Linear classifier on cached features. Returns top-1 (%) on the validation features."""
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
@@ -227,51 +346,174 @@ def train_fast_probe(train_x, train_y, val_x, val_y, epochs, lr, batch_size, see
         return (classifier(val_x).argmax(dim=1) == val_y).float().mean().item() * 100
 
 
-def train_augmented_probe(backbone, stage, train_loader, val_loader, image_size, epochs, lr, dist, autocast_dtype,
-                          memory_format):
-    """Standard protocol: frozen backbone (eval mode), RandomResizedCrop + flip, SGD Nesterov, cosine, no decay."""
-    recipe = common.ViewRecipe(crop_scale=(0.08, 1.0), interpolation="bilinear", jitter_p=0.0, gray_p=0.0,
-                               blur_p=0.0, solarize_p=0.0)
+def train_view_recipe(interpolation="bilinear"):
+    """Linear-evaluation training view: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + flip."""
+    return common.ViewRecipe(crop_scale=(0.08, 1.0), interpolation=interpolation, jitter_p=0.0,
+                             gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def center_crop_view(images, image_size):
+    """Validation view: resize to image_size * 256 // 224 (a folder's loader already did), centre
+    crop image_size: resize 256 + centre crop 224 at 224 px.
+    uint8 B x 3 x H x W -> normalised float B x 3 x S x S."""
+    resize = image_size * 256 // 224
+    x = images.float().div_(255)
+    if x.shape[-2:] != (resize, resize):
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False,
+                          antialias=True)
+    top = (resize - image_size) // 2
+    return common.normalize(x[..., top:top + image_size, top:top + image_size].contiguous())
+
+
+def dataset_size(loader):
+    return len(loader.images) if isinstance(loader, common.TensorLoader) else len(loader.dataset)
+
+
+def num_classes_of(loader):
+    """1 + the largest label of the loader's whole dataset (not of one batch)."""
+    if isinstance(loader, common.TensorLoader):
+        return int(loader.labels.max()) + 1
+    return max(label for _, label in loader.dataset.samples) + 1
+
+
+def subset_loader(loader, keep, shuffle=True, drop_last=True):
+    """A loader of the same kind over the images `keep` (indices into the loader's dataset)."""
+    common.check(len(keep) > 0, "an empty subset of the training images")
+    if isinstance(loader, common.TensorLoader):
+        keep = torch.as_tensor(keep, device=loader.images.device)
+        return common.TensorLoader(loader.images[keep], loader.labels[keep], loader.batch,
+                                   loader.rank, loader.world, loader.seed, shuffle, drop_last)
+    dataset = copy.copy(loader.dataset)
+    dataset.samples = [loader.dataset.samples[index] for index in keep]
+    return common.FolderLoader(dataset, loader.batch, loader.rank, loader.world, loader.seed,
+                               loader.device, loader.workers, shuffle, drop_last)
+
+
+def heldout_split(num_images, seed, size=BYOL_HELDOUT):
+    """(train indices, held-out indices), both sorted: a seeded random min(size, num_images // 10)
+    images held out."""
+    held = min(size, num_images // 10)
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+class LinearHeads(nn.Module):
+    """One linear classifier per lr of a sweep (one without a sweep), all on the same features."""
+
+    def __init__(self, dim, num_classes, count, generator):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(count))
+        for head in self.heads:
+            nn.init.normal_(head.weight, std=0.01, generator=generator)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, features):
+        """B x D -> K x B x num_classes."""
+        return torch.stack([head(features) for head in self.heads])
+
+
+def probe_optimizer(protocol, heads):
+    """SGD or LARS; the groups of classifier k carry "peak_lr" = protocol.lrs[k]."""
+    groups = []
+    for head, lr in zip(heads.heads, protocol.lrs):
+        if protocol.optimizer == "lars":
+            head_groups = common.lars_param_groups(head, protocol.weight_decay)
+        else:
+            head_groups = [dict(params=list(head.parameters()), weight_decay=protocol.weight_decay)]
+        groups += [dict(group, peak_lr=lr) for group in head_groups]
+    if protocol.optimizer == "lars":
+        return common.LARS(groups, lr=protocol.lrs[0], momentum=protocol.momentum)
+    return torch.optim.SGD(groups, lr=protocol.lrs[0], momentum=protocol.momentum,
+                           nesterov=protocol.nesterov)
+
+
+def frozen_features(backbone, x, stage, autocast_dtype):
+    """GAP features B x C (float32) of the frozen backbone's `stage`, no gradient."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                         enabled=autocast_dtype is not None):
+        return common.global_pool(backbone(x, last_stage=stage)[stage]).float()
+
+
+def train_linear_protocol(backbone, stage, protocol, train_loader, val_loader, image_size, dist,
+                          seed, autocast_dtype=None, memory_format=torch.contiguous_format):
+    """Train one linear classifier per lr in protocol.lrs on the frozen backbone (eval mode: its BN
+    statistics stay as pretrained), then test them on val_loader's centre views.
+
+    Returns dict(top1=[% per lr], top5=[% per lr], epoch_lrs=[lr of the first classifier at the
+    first step of every epoch]).
+    """
     backbone.eval()
-    classifier = None
-    total = epochs * len(train_loader)
-    step = 0
-    for epoch in range(epochs):
+    recipe = train_view_recipe(protocol.interpolation)
+    generator = torch.Generator().manual_seed(seed)
+    heads = LinearHeads(backbone.channels[stage], num_classes_of(train_loader), len(protocol.lrs),
+                        generator).to(dist.device)
+    classifier = torch.nn.parallel.DistributedDataParallel(heads) if dist.world_size > 1 else heads
+    optimizer = probe_optimizer(protocol, heads)
+    steps_per_epoch = len(train_loader)
+    epoch_lrs = []
+    for epoch in range(protocol.epochs):
         train_loader.set_epoch(epoch)
-        for images, labels in common.progress(train_loader, dist.is_main, desc=f"probe epoch {epoch + 1}/{epochs}",
-                                              leave=False):
-            generator = common.step_generator(dist.device, 1234, dist.rank, step)
-            views = augment_views(images, recipe, image_size, generator, memory_format)
-            with torch.no_grad(), torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                                 enabled=autocast_dtype is not None):
-                features = common.global_pool(backbone(views, last_stage=stage)[stage]).float()
-            if classifier is None:
-                num_classes = int(common.all_gather_nograd(labels.max().view(1)).max()) + 1
-                # BN without affine in front of the classifier: standardises features (MAE/MoCo v3 linear probe)
-                layer = nn.Sequential(nn.BatchNorm1d(features.shape[1], affine=False),
-                                      nn.Linear(features.shape[1], num_classes)).to(dist.device)
-                classifier = (torch.nn.parallel.DistributedDataParallel(layer) if dist.world_size > 1 else layer)
-                optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        batches = common.progress(train_loader, dist.is_main, leave=False,
+                                  desc=f"probe epoch {epoch + 1}/{protocol.epochs}")
+        for index, (images, labels) in enumerate(batches):
+            position = epoch + index / steps_per_epoch if protocol.per_step else epoch
             for group in optimizer.param_groups:
-                group["lr"] = common.lr_at(step, total, 0, lr)
-            loss = F.cross_entropy(classifier(features), labels)
+                group["lr"] = protocol_lr(protocol, group["peak_lr"], position)
+            if index == 0:
+                epoch_lrs.append(optimizer.param_groups[0]["lr"])
+            step = epoch * steps_per_epoch + index
+            draws = common.step_generator(dist.device, seed + 1234, dist.rank, step)
+            views = augment_views(images, recipe, image_size, draws, memory_format)
+            features = frozen_features(backbone, views, stage, autocast_dtype)      # B x C
+            loss = sum(F.cross_entropy(logits, labels) for logits in classifier(features))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
-    classifier.eval()
-    correct = torch.zeros(2, device=dist.device)
-    with torch.no_grad():
-        for images, labels in val_loader:
-            x = common.eval_transform(images, image_size).contiguous(memory_format=memory_format)
-            with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                features = common.global_pool(backbone(x, last_stage=stage)[stage]).float()
-            correct += torch.stack([(classifier(features).argmax(dim=1) == labels).sum().float(),
-                                    torch.tensor(float(labels.numel()), device=dist.device)])
+    top1, top5 = classifier_accuracy(backbone, heads, stage, val_loader, image_size, dist,
+                                     autocast_dtype, memory_format)
+    return dict(top1=top1, top5=top5, epoch_lrs=epoch_lrs)
+
+
+@torch.no_grad()
+def classifier_accuracy(backbone, heads, stage, loader, image_size, dist, autocast_dtype=None,
+                        memory_format=torch.contiguous_format):
+    """Top-1 and top-5 (%) of every classifier in `heads` on the loader's centre views."""
+    correct = torch.zeros(len(heads.heads), 2, device=dist.device)
+    count = torch.zeros((), device=dist.device)
+    for images, labels in loader:
+        x = center_crop_view(images, image_size).contiguous(memory_format=memory_format)
+        logits = heads(frozen_features(backbone, x, stage, autocast_dtype))     # K x B x classes
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices            # K x B x 5
+        hits = top5 == labels[None, :, None]
+        correct += torch.stack([hits[..., 0].sum(dim=1), hits.any(dim=-1).sum(dim=1)], dim=1)
+        count += labels.numel()
     if dist.world_size > 1:
         torch.distributed.all_reduce(correct)
-    return (correct[0] / correct[1]).item() * 100
+        torch.distributed.all_reduce(count)
+    top1, top5 = (correct / count * 100).t().tolist()
+    return top1, top5
+
+
+def run_protocol(protocol, backbone, stage, train_loader, val_loader, image_size, dist, seed,
+                 autocast_dtype=None, memory_format=torch.contiguous_format):
+    """A paper's linear evaluation; with several lrs, first the best on a held-out train split.
+
+    Returns dict(top1, top5 on val_loader, lr (the one used), sweep {lr: held-out top-1} or {}).
+    """
+    sweep = {}
+    if len(protocol.lrs) > 1:
+        kept, held = heldout_split(dataset_size(train_loader), seed)
+        heldout = subset_loader(train_loader, held, shuffle=False, drop_last=False)
+        result = train_linear_protocol(backbone, stage, protocol, subset_loader(train_loader, kept),
+                                       heldout, image_size, dist, seed, autocast_dtype,
+                                       memory_format)
+        sweep = dict(zip(protocol.lrs, result["top1"]))
+        print0(f"{stage}: lr sweep on {len(held)} held-out train images, top-1 (%): "
+               + ", ".join(f"lr {lr:g}: {top1:.2f}" for lr, top1 in sweep.items()))
+        protocol = dataclasses.replace(protocol, lrs=(max(sweep, key=sweep.get),))
+    result = train_linear_protocol(backbone, stage, protocol, train_loader, val_loader, image_size,
+                                   dist, seed, autocast_dtype, memory_format)
+    return dict(top1=result["top1"][0], top5=result["top5"][0], lr=protocol.lrs[0], sweep=sweep)
 
 
 def augment_views(images, recipe, image_size, generator, memory_format):
@@ -336,7 +578,15 @@ def evaluate(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
     for stage in cfg.stage:
         common.check(stage in STAGE_NAMES, f"--stage {stage!r} is not one of {', '.join(STAGE_NAMES)}")
-    common.check(cfg.probe in ("fast", "augmented", "none"), f"--probe must be fast, augmented or none, got {cfg.probe!r}")
+    common.check(cfg.protocol in (*PROTOCOLS, "none"),
+                 f"--protocol must be one of {', '.join(PROTOCOLS)} or none, got {cfg.protocol!r}")
+    protocol = resolve_protocol(cfg) if cfg.protocol != "none" else None
+    if protocol is not None:
+        common.check(protocol.batch_size % dist.world_size == 0,
+                     f"the probe batch {protocol.batch_size} must be divisible by the world size "
+                     f"{dist.world_size}")
+        if not cfg.view_distance:
+            print0(f"linear probe: {describe_protocol(cfg.protocol, protocol)}")
     common.check(len(cfg.ckpt) > 0, "--ckpt is required (one checkpoint or a comma list)")
     common.check(cfg.batch_size > 0 and cfg.batch_size % dist.world_size == 0,
                  f"--batch-size {cfg.batch_size} must be positive and divisible by the world size {dist.world_size}")
@@ -388,18 +638,24 @@ def evaluate(cfg, dist):
                                                    show_progress=True)
             knn = common.knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_t)
             result = dict(knn=knn)
-            if cfg.probe == "fast":
-                result["linear"] = train_fast_probe(train_x, train_y, val_x, val_y, cfg.probe_epochs,
-                                                    cfg.probe_lr or 1.0, min(cfg.batch_size, train_x.shape[0]), cfg.seed)
-            elif cfg.probe == "augmented":
-                train = common.make_loader(data, "train", image_size, per_rank, dist, cfg.seed, cfg.workers,
-                                           synthetic_size=synthetic_size, load_size=load_size)
-                lr = cfg.probe_lr or 0.1 * cfg.batch_size / 256
-                result["linear"] = train_augmented_probe(backbone, stage, train, val, image_size, cfg.probe_epochs, lr,
-                                                         dist, autocast_dtype, memory_format)
+            if cfg.protocol == "fast":
+                result["linear"] = train_fast_probe(
+                    train_x, train_y, val_x, val_y, protocol.epochs, protocol.lrs[0],
+                    min(protocol.batch_size, train_x.shape[0]), cfg.seed)
+            elif protocol is not None:
+                train = common.make_loader(data, "train", image_size,
+                                           protocol.batch_size // dist.world_size, dist, cfg.seed,
+                                           cfg.workers, synthetic_size=synthetic_size,
+                                           load_size=load_size)
+                outcome = run_protocol(protocol, backbone, stage, train, val, image_size, dist,
+                                       cfg.seed, autocast_dtype, memory_format)
+                result.update(linear=outcome["top1"], linear_top5=outcome["top5"],
+                              linear_lr=outcome["lr"])
             rows[label][stage] = result
             print0(f"{label} {stage}: kNN top-1 {knn:.2f}%"
-                   + (f", linear top-1 {result['linear']:.2f}%" if "linear" in result else ""))
+                   + (f", linear top-1 {result['linear']:.2f}%" if "linear" in result else "")
+                   + (f" (top-5 {result['linear_top5']:.2f}%, lr {result['linear_lr']:g})"
+                      if "linear_top5" in result else ""))
     print_table(rows, cfg.stage)
     return rows
 
