@@ -160,13 +160,19 @@ def detectron2_names(weights):
         fpn.output.pK.conv / .norm        -> backbone.fpn_outputK / fpn_outputK.norm
         head.convs.I.conv / .norm         -> roi_heads.box_head.conv{I+1} / conv{I+1}.norm
     Dropped: every num_batches_tracked and head.mlp.*.
-    NOTE: targets detectron2's configs/Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml (SyncBN in the ResNet, the FPN and a
-    4conv1fc box head, so every conv above has a `.norm` and no bias), with MODEL.WEIGHTS = this file,
-    RESNETS.STRIDE_IN_1X1 False (torchvision strides the 3x3 conv), FPN.OUT_CHANNELS and ROI_BOX_HEAD.CONV_DIM =
-    the checkpoint's fpn_dim, and torchvision's input convention (INPUT.FORMAT RGB, PIXEL_MEAN [123.675, 116.28,
-    103.53], PIXEL_STD [58.395, 57.12, 57.375]), as detectron2's tools/convert-torchvision-to-d2.py documents;
-    ResNet-18/34 also need RESNETS.DEPTH and RES2_OUT_CHANNELS 64. Written from detectron2's module names and
-    never loaded into detectron2 here (it is not a dependency of this repo).
+    NOTE: the names fit the model of detectron2's configs/Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml
+    (SyncBN in the ResNet, the FPN and a 4conv1fc box head, so every conv above has a `.norm` and no
+    bias), but the papers fine-tune with the 1x schedule: 90k iterations at batch 16, lr / 10 at 60k
+    and 80k (LEWEL Sec. 4.3; Ladder Sec. 4.2, DenseSiam Sec. 5.1 and MCL Sec. 4.2 name the 1x
+    schedule). So replace that config's 3x solver: SOLVER.STEPS (60000, 80000) SOLVER.MAX_ITER 90000
+    (the values of detectron2's configs/Base-RCNN-FPN.yaml). Also MODEL.WEIGHTS = this file,
+    RESNETS.STRIDE_IN_1X1 False (torchvision strides the 3x3 conv), FPN.OUT_CHANNELS and
+    ROI_BOX_HEAD.CONV_DIM = the checkpoint's fpn_dim, and torchvision's input convention
+    (INPUT.FORMAT RGB, PIXEL_MEAN [123.675, 116.28, 103.53], PIXEL_STD [58.395, 57.12, 57.375]), as
+    detectron2's tools/convert-torchvision-to-d2.py documents; ResNet-18/34 also need RESNETS.DEPTH
+    and RES2_OUT_CHANNELS 64. Written from detectron2's module names only: the file is never loaded
+    into detectron2 here (not a dependency of this repo); transfer.py's torchvision export is the
+    tested path.
     """
     renamed = {}
     for key, value in weights.items():
@@ -232,7 +238,7 @@ class LinearProtocol:
     source: str = ""
 
 
-# BYOL App. C.1 picks its lr on a held-out split but lists no values. Our grid: peak lrs at batch
+# BYOL App. C picks its lr on a held-out split but lists no values. Our grid: peak lrs at batch
 # 1024 = base lr (0.05, 0.1, 0.2, 0.4, 0.8) x 1024/256, centred on the official default base 0.2
 # (deepmind-research byol/configs/eval.py, scaled by batch/256 in byol/utils/schedules.py).
 BYOL_LR_GRID = (0.2, 0.4, 0.8, 1.6, 3.2)
@@ -242,15 +248,15 @@ PROTOCOLS = {
     # this repo's quick probe on cached centre-view features (no paper's protocol)
     "fast": LinearProtocol("sgd", False, 0.9, 256, 100, (1.0,), 0.0, "cosine", per_step=True,
                            source="this repo's quick probe"),
-    # BYOL App. C.1: SGD, Nesterov momentum 0.9, batch 1024, 80 ep, no weight decay, lr chosen
+    # BYOL App. C: SGD, Nesterov momentum 0.9, batch 1024, 80 ep, no weight decay, lr chosen
     # on a held-out split
     "byol": LinearProtocol("sgd", True, 0.9, 1024, 80, BYOL_LR_GRID, 0.0, "cosine", per_step=True,
-                           interpolation="bicubic", source="BYOL (arXiv:2006.07733) App. C.1"),
-    # Ladder Siamese Network Sec. 4 "Classification": SGD, 100 ep, cosine, with mmselfsup (whose
+                           interpolation="bicubic", source="BYOL (arXiv:2006.07733) App. C"),
+    # Ladder Siamese Network Sec. 4.2 "Classification": SGD, 100 ep, cosine, with mmselfsup (whose
     # config gives lr 0.3, momentum 0.9, wd 1e-6, batch 8x32: mmselfsup
     # configs/benchmarks/classification/imagenet/resnet50_linear-8xb32-coslr-100e_in1k.py)
     "ladder": LinearProtocol("sgd", False, 0.9, 256, 100, (0.3,), 1e-6, "cosine",
-                             source="Ladder Siamese Network (arXiv:2211.13844) Sec. 4"),
+                             source="Ladder Siamese Network (arXiv:2211.13844) Sec. 4.2"),
     # LEWEL Sec. 4.1, LEWEL_B: SGD with momentum, batch 256, wd 0, lr 0.4 / 10 at epochs 30, 40,
     # 50 ep
     "lewel_b": LinearProtocol("sgd", False, 0.9, 256, 50, (0.4,), 0.0, "step", (30, 40),

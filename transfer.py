@@ -43,8 +43,8 @@ head not at all. Everything else keeps torchvision's fresh initialisation (seede
 listed when written: backbone.fpn.* (non-MCL), rpn.*, roi_heads.box_head.* (v1; v2: the fc),
 roi_heads.box_predictor.*, and for Mask R-CNN roi_heads.mask_head.* and mask_predictor.*.
 The papers fine-tune Mask R-CNN R50-FPN on COCO train2017 with detectron2's 1x schedule: 90k
-iterations at batch 16, lr / 10 at 60k and 80k (LEWEL Sec. 4.3 states these numbers; Ladder Sec. 4,
-DenseSiam Sec. 5.1 and MCL Sec. 4 name the 1x schedule), SyncBN in backbone, FPN and heads
+iterations at batch 16, lr / 10 at 60k and 80k (LEWEL Sec. 4.3 states these numbers; Ladder Sec.
+4.2, DenseSiam Sec. 5.1 and MCL Sec. 4.2 name the 1x schedule), SyncBN in backbone, FPN and heads
 (DenseSiam Sec. 5.1). This file only prepares the weights: train them with torchvision's detection
 reference scripts (references/detection) or your own loop, converting BatchNorm with
 torch.nn.SyncBatchNorm.convert_sync_batchnorm for multi-GPU runs.
