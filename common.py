@@ -1458,11 +1458,13 @@ def dense_match(query, key, max_elements=2 ** 26):
     onto. The B x HW x H'W' similarity is built a few images at a time (at most `max_elements` entries, 256 MB in
     float32): at res2 of a 224 px view (56 x 56) one image alone needs 3136^2 = 9.8 M entries.
     """
-    query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
-    key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
-    per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
-    return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk], key[start:start + per_chunk])
-                      .argmax(dim=2) for start in range(0, query.shape[0], per_chunk)])  # B x HW
+    with torch.autocast(query.device.type, enabled=False):  # bf16 would merge near-ties (2^-8 near 1)
+        query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
+        key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
+        per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
+        return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk],
+                                       key[start:start + per_chunk]).argmax(dim=2)
+                          for start in range(0, query.shape[0], per_chunk)])  # B x HW
 
 
 def gather_positions(features, idx):

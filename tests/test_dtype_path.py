@@ -210,10 +210,7 @@ def test_crop_resize_cuda_branch_samples_exact_positions_under_autocast():
     assert (error <= expected.abs() * 2.0 ** -8 + 1e-4).all(), f"off by {error.max():.3f} cells"
 
 
-@pytest.mark.parametrize("enclosing_autocast", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="common.dense_match's einsum runs in bf16 under an enclosing autocast. No "
-                        "run is affected: every method matches after its autocast block. Remove "
-                        "this mark when dense_match turns autocast off."))])
+@pytest.mark.parametrize("enclosing_autocast", [False, True])
 def test_dense_match_picks_the_float64_argmax_of_bf16_maps(enclosing_autocast):
     """DenseBYOL / Ladder-DenseBYOL match bf16 projections. Near-ties (the best keys ~4e-4 cosine
     apart, where bf16 resolves 2^-8 near 1) must still go to the key float64 finds best."""
