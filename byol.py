@@ -42,7 +42,8 @@ from common import InputError, augment, cosine_tau, ema_update, global_pool, lr_
 class Config:
     """BYOL pretraining. Defaults are sized for a 2-core CPU on the built-in data; --preset imagenet is the paper."""
     # data
-    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
+    val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
     image_size: int = 32             # px of each augmented view; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
@@ -88,6 +89,17 @@ PRESETS = {
     "imagenet-1000ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=1000,
                             base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10,
                             predictor_lr_mult=1.0),
+    # The BYOL baseline of Ladder Siamese Network (arXiv:2211.13844, Sec. 4.1, Tables 1 and 3): LARS,
+    # batch 4096, lr 7.2 (= 0.45 x 4096 / 256), wd 1e-6, cosine, the rest as BYOL; its 100-epoch
+    # row is imagenet-100ep. NOTE: no warmup or tau_base is stated there; BYOL's 10 epochs and 0.99.
+    "imagenet-200ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224,
+                           batch_size=4096, epochs=200, base_lr=0.45, weight_decay=1e-6,
+                           warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+                           predictor_lr_mult=1.0),
+    "imagenet-400ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224,
+                           batch_size=4096, epochs=400, base_lr=0.45, weight_decay=1e-6,
+                           warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+                           predictor_lr_mult=1.0),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
                     base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
@@ -187,6 +199,8 @@ def train(cfg, dist):
         common.barrier()
 
     def knn(epoch):
+        if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
+            return None
         accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
                                       memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")

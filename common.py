@@ -640,7 +640,8 @@ def step_generator(device, seed, rank, step):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: built-in synthetic scenes, CIFAR-10, ImageFolder. Batches reach the device as uint8.
+# Data: built-in synthetic scenes, CIFAR-10, ImageNet-layout and unlabelled image folders.
+# Batches reach the device as uint8.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _scene(size, generator):
@@ -722,24 +723,22 @@ class TensorLoader:
 
 
 class _ImageFolderSquares(torch.utils.data.Dataset):
-    """ImageFolder whose items are uint8 tensors: shorter side resized to `size`, centre square of `size`.
+    """Image files as uint8 tensors: shorter side resized to `size`, centre square of `size`.
 
-    With raw=True the items are the undecoded file bytes (decoded later on the device, see FolderLoader).
+    samples: list of (path, label), label -1 in an unlabelled folder. With raw=True the items are
+    the undecoded file bytes (decoded later on the device, see FolderLoader).
     """
 
-    def __init__(self, root, size, raw=False):
-        from torchvision.datasets import ImageFolder
-
-        self.folder = ImageFolder(root, loader=lambda path: path)  # decode ourselves, in the worker
-        self.size, self.raw = size, raw
+    def __init__(self, samples, size, raw=False):
+        self.samples, self.size, self.raw = samples, size, raw
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def __getitem__(self, index):
         from PIL import Image, UnidentifiedImageError
 
-        path, label = self.folder.samples[index]
+        path, label = self.samples[index]
         if self.raw:
             return torchvision.io.read_file(path), label, index
         try:
@@ -792,7 +791,8 @@ class FolderLoader:
                 try:
                     torchvision.io.decode_jpeg(item, mode=torchvision.io.ImageReadMode.RGB)
                 except RuntimeError:
-                    raise InputError(f"--gpu-decode: cannot decode {self.dataset.folder.samples[index][0]} as JPEG") from None
+                    path = self.dataset.samples[index][0]
+                    raise InputError(f"--gpu-decode: cannot decode {path} as JPEG") from None
             raise
         return torch.stack([resize_square(image, self.dataset.size) for image in images])
 
@@ -801,10 +801,10 @@ class FolderLoader:
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.dataset, indices), batch_size=self.batch, shuffle=False,
             num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
-            persistent_workers=False, collate_fn=_collate_raw if self.dataset.raw else None)
+            persistent_workers=False, collate_fn=_collate_raw if self.raw else None)
         try:
             for batch in loader:
-                if self.dataset.raw:
+                if self.raw:
                     data, labels, index = batch
                     yield self._decode(data, index), labels.to(self.device, non_blocking=True)
                 else:
@@ -832,15 +832,19 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
     """Return ('tensor', images uint8 N x 3 x S x S, labels) or ('folder', Dataset, None).
 
     data: "synthetic" (built-in, generated in memory), "cifar10" (torchvision; downloads when the network allows;
-    set SSL_DATA_ROOT for its cache), or a folder in ImageNet layout (train/ and val/ class folders).
+    set SSL_DATA_ROOT for its cache), a folder in ImageNet layout (train/ and val/ class folders),
+    or any other folder: its .jpg/.jpeg/.png files at any depth, unlabelled (label -1; split
+    "train" only).
     """
     if data == "synthetic":
         n_train = synthetic_size
+    Any map-style dataset of (image, label) items works too (e.g. densesiam.SegFolder: no `raw`).
         n_val = max(synthetic_size // 5, 10)
         images, labels = make_synthetic(n_train + n_val, image_size, seed=12345)  # fixed: the dataset, not the run
         if split == "train":
             return "tensor", images[:n_train], labels[:n_train]
         return "tensor", images[n_train:], labels[n_train:]
+        self.raw = getattr(dataset, "raw", False)  # items are file bytes (decode_on_device)
     if data == "cifar10":
         import numpy as np
         from torchvision.datasets import CIFAR10
@@ -853,9 +857,22 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
         images = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
         return "tensor", images, torch.tensor(dataset.targets)
     if not os.path.exists(data):
-        raise InputError(f"--data {data}: no such file or directory (use 'synthetic', 'cifar10' or an ImageNet-layout folder)")
+        raise InputError(f"--data {data}: no such file or directory "
+                         f"(use 'synthetic', 'cifar10' or a folder)")
+    if not has_labels(data):
+        if split != "train":
+            raise InputError(f"--data {data} has no train/ folder, so it holds unlabelled "
+                             f"images and no {split} split; a labelled set is 'synthetic', "
+                             f"'cifar10' or train/ and val/ class folders")
+        samples = _unlabelled_samples(data)
+        if not samples:
+            raise InputError(f"--data {data}: no .jpg, .jpeg or .png files (and no train/)")
+        return "folder", _ImageFolderSquares(samples, image_size, raw=raw), None
+    from torchvision.datasets import ImageFolder
+
     path = _folder_split(data, split)
-    dataset = _ImageFolderSquares(path, image_size, raw=raw)
+    samples = ImageFolder(str(path)).samples  # (path, class index) pairs; no file is read here
+    dataset = _ImageFolderSquares(samples, image_size, raw=raw)
     if len(dataset) == 0:
         raise InputError(f"--data {data}: no images found under {path}")
     return "folder", dataset, None
@@ -880,24 +897,68 @@ def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, 
     return loader
 
 
-def load_size_of(cfg):
-    """Side of the uint8 square the loader produces: the view size for in-memory data, 256/224 of it for folders."""
+def load_size_of(cfg, data=None):
+    """Side of the uint8 square the loader produces: the view size for in-memory data, 256/224
+    of it for folders. data: the set (default cfg.data; the kNN sets may be cfg.val_data)."""
     if cfg.load_size:
         return cfg.load_size
-    return cfg.image_size if cfg.data in ("synthetic", "cifar10") else cfg.image_size * 256 // 224
+    in_memory = (data or cfg.data) in ("synthetic", "cifar10")
+    return cfg.image_size if in_memory else cfg.image_size * 256 // 224
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an unlabelled folder is searched for (any case)
+
+
+def has_labels(data):
+    """True for the built-in sets and ImageNet-layout folders (a train/ folder inside). Any other
+    folder is a collection of unlabelled images (COCO train2017, a folder of photos)."""
+    return data in ("synthetic", "cifar10") or (Path(data) / "train").is_dir()
+
+
+def _unlabelled_samples(root):
+    """(path, -1) for every .jpg/.jpeg/.png under root at any depth, in a fixed order (sorted
+    within each folder, the same on every rank). Symlinked folders are followed once; hidden
+    files and folders are skipped."""
+    samples, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink back into the tree: do not list (or loop over) a folder twice
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        samples += [(os.path.join(folder, name), -1) for name in sorted(files)
+                    if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
+    return samples
+
 
 
 def make_loaders(cfg, dist, eval_batch=256):
-    """The three loaders of a pretraining run: shuffled training batches (cfg.batch_size is global), and the
-    unshuffled train (kNN memory bank) and val (kNN queries) sets. Reads cfg.data, image_size, load_size,
-    batch_size, seed, workers, synthetic_size and gpu_decode."""
-    common_args = dict(synthetic_size=cfg.synthetic_size, load_size=load_size_of(cfg), decode_on_device=cfg.gpu_decode)
+    """The three loaders of a pretraining run: shuffled training batches from cfg.data
+    (cfg.batch_size is global), and the unshuffled train (kNN memory bank) and val (kNN queries)
+    sets of a labelled set: cfg.val_data when given, else cfg.data when it has labels. With
+    neither, bank and val are None: the kNN monitor is off, and one printed line says so.
+    Reads cfg.data, val_data, image_size, load_size, batch_size, seed, workers, synthetic_size
+    and gpu_decode."""
+    common_args = dict(synthetic_size=cfg.synthetic_size, decode_on_device=cfg.gpu_decode)
     train = make_loader(cfg.data, "train", cfg.image_size, cfg.batch_size // dist.world_size, dist, cfg.seed,
-                        cfg.workers, **common_args)
-    bank = make_loader(cfg.data, "train", cfg.image_size, eval_batch, dist, cfg.seed, cfg.workers, shuffle=False,
-                       drop_last=False, **common_args)
-    val = make_loader(cfg.data, "val", cfg.image_size, eval_batch, dist, cfg.seed, cfg.workers, shuffle=False,
-                      drop_last=False, **common_args)
+                        cfg.workers, load_size=load_size_of(cfg), **common_args)
+    if cfg.val_data:
+        check(cfg.val_data in ("synthetic", "cifar10") or os.path.exists(cfg.val_data),
+              f"--val-data {cfg.val_data}: no such file or directory")
+        check(has_labels(cfg.val_data), f"--val-data {cfg.val_data} has no labels: give "
+                                        f"'synthetic', 'cifar10' or train/ and val/ class folders")
+    knn_data = cfg.val_data or (cfg.data if has_labels(cfg.data) else "")
+    if not has_labels(cfg.data):
+        monitor = f"on --val-data {knn_data}" if knn_data else "off (--val-data turns it on)"
+        print0(f"--data {cfg.data}: {len(train.dataset)} unlabelled images (no train/ folder; "
+               f"searched at any depth); kNN monitor {monitor}")
+    if not knn_data:
+        return train, None, None
+    knn_args = dict(common_args, load_size=load_size_of(cfg, knn_data))
+    bank = make_loader(knn_data, "train", cfg.image_size, eval_batch, dist, cfg.seed, cfg.workers,
+                       shuffle=False, drop_last=False, **knn_args)
+    val = make_loader(knn_data, "val", cfg.image_size, eval_batch, dist, cfg.seed, cfg.workers,
+                      shuffle=False, drop_last=False, **knn_args)
     return train, bank, val
 
 

@@ -50,7 +50,8 @@ from common import (InputError, augment, conv_mlp, cosine_tau, dense_regression_
 class Config:
     """DenseBYOL pretraining. Defaults are sized for a 2-core CPU on the built-in data; --preset imagenet is the paper."""
     # data
-    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
+    val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
     image_size: int = 40             # px of each view; paper: 224. NOTE: not byol.py's 32: res5 is 2 x 2, not 1 x 1
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
@@ -221,6 +222,8 @@ def train(cfg, dist):
         common.barrier()
 
     def knn(epoch):
+        if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
+            return None
         accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
                                       memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")

@@ -57,7 +57,8 @@ class Config:
     """DenseSiam pretraining (SimSiam + PixSim + RegionSim). CPU-sized defaults; --preset imagenet is the paper."""
     task: str = "pretrain"           # pretrain (this config) | seg (SegConfig below); give --task on the command line
     # data
-    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
+    val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
     image_size: int = 64             # px of each view; paper: 224. NOTE: 64 px keeps a 2x2 res5 map for PixSim on CPU
     load_size: int = 0               # px the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
@@ -100,13 +101,21 @@ class Config:
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
 
 
+# Paper Sec. 5.1: SimSiam recipe, SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, cosine;
+# PixSim/RegionSim widths 512 (Sec. 3.4); K = 7, lambda1 = 1, lambda2 = 0.1 from 50 % (Table 4).
+# RegionSim runs g'/h' on B x N region vectors: with N = 512 it is the priciest head, which is why
+# the CPU defaults use 64.
+_PAPER = dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=512, base_lr=0.05,
+              weight_decay=1e-4, dense_dim=512, dense_pred_hidden=512, region_dim=512, grid_size=7,
+              dense_weight=1.0, region_weight=0.1, region_start=0.5, workers=10)
 PRESETS = {
-    # Paper Sec. 5.1: SimSiam recipe, SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, cosine, 200 epochs.
-    # RegionSim runs g'/h' on B x N region vectors: with N = 512 it is the priciest head (see the closing note of
-    # issue 5), which is why the CPU defaults use 64.
-    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=512, epochs=200, base_lr=0.05,
-                     weight_decay=1e-4, dense_dim=512, dense_pred_hidden=512, region_dim=512, knn_every=10,
-                     workers=10),
+    "imagenet": dict(_PAPER, epochs=200, knn_every=10),    # ImageNet-1k, 200 epochs: Table 2
+    # COCO train2017 (--data the train2017 folder), 800 epochs: the Table 4 ablations. "coco" is the
+    # full model (Table 4c/4f best row); "coco-pixsim" drops RegionSim (Table 4a, b, d, e and 4f
+    # "never"); "coco-simsiam" also drops PixSim (the SimSiam baseline, first row of every part).
+    "coco": dict(_PAPER, epochs=800, knn_every=50),
+    "coco-pixsim": dict(_PAPER, epochs=800, knn_every=50, region_weight=0.0),
+    "coco-simsiam": dict(_PAPER, epochs=800, knn_every=50, dense_weight=0.0, region_weight=0.0),
 }
 
 
@@ -161,7 +170,8 @@ class SegConfig:
 
 
 SEG_PRESETS = {
-    # Released config densesiam_r18_fpn_aux_seg-rebalance_4x64_sgd-fix-10e_coco-curated (methods.md §5.1).
+    # Tables 3 and 5; released config (ZwwWayne/DenseSiam) configs/densesiam/
+    # densesiam_r18_fpn_aux_seg-rebalance_4x64_sgd-fix-10e_coco-curated.py. Data: cocostuff.py.
     "cocostuff27": dict(image_size=320, load_size=640, eval_size=320, num_classes=27, num_things=12,
                         num_aux_classes=128, batch_size=256, epochs=10, base_lr=0.05,
                         region_start=0.8, workers=4, require_init=True),
@@ -902,6 +912,8 @@ def train(cfg, dist):
         common.barrier()
 
     def knn(epoch):
+        if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
+            return None
         accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
                                       memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")

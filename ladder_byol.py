@@ -69,7 +69,8 @@ from common import (STAGES, InputError, augment, conv_mlp, cosine_tau, dense_reg
 class Config:
     """Ladder-BYOL / Ladder-DenseBYOL pretraining. CPU-sized defaults; --preset imagenet is the paper (Sec. 4.1)."""
     # data
-    data: str = "synthetic"          # "synthetic" (built-in), "cifar10", or an ImageNet-layout folder (train/, val/)
+    data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
+    val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
     image_size: int = 32             # px of each augmented view; paper: 224
     load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
@@ -118,10 +119,13 @@ _IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_si
 PRESETS = {
     # Sec. 4.1: LARS, batch 4096, lr 7.2 (= 0.45 * 4096 / 256), wd 1e-6, cosine, 100 / 200 epochs; the rest as BYOL
     # (10 warmup epochs, tau_base 0.99). NOTE: the paper does not state warmup or tau_base; these are BYOL's.
-    "imagenet": dict(_IMAGENET, epochs=200),
-    "imagenet-100ep": dict(_IMAGENET, epochs=100),
-    "imagenet-dense": dict(_IMAGENET, epochs=200, dense_stages=("res2", "res3")),          # Ladder-DenseBYOL
-    "imagenet-dense-100ep": dict(_IMAGENET, epochs=100, dense_stages=("res2", "res3")),
+    "imagenet": dict(_IMAGENET, epochs=200),                        # Ladder-BYOL: Tables 1-4, 6
+    "imagenet-100ep": dict(_IMAGENET, epochs=100),                  # Tables 1, 5, 6
+    "imagenet-400ep": dict(_IMAGENET, epochs=400),                  # Table 1, 400-epoch row
+    "imagenet-dense": dict(_IMAGENET, epochs=200, dense_stages=("res2", "res3")),  # Ladder-DenseBYOL
+    "imagenet-dense-100ep": dict(_IMAGENET, epochs=100, dense_stages=("res2", "res3")),  # Table 5
+    # Table 5, last row (D D D D: every rung dense), 100 epochs like the whole table.
+    "imagenet-dense-all-100ep": dict(_IMAGENET, epochs=100, dense_stages=STAGES),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
                     base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
@@ -345,6 +349,8 @@ def train(cfg, dist):
         common.barrier()
 
     def knn(epoch):
+        if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
+            return None
         accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
                                       memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
