@@ -763,11 +763,13 @@ class FolderLoader:
 
     decode_on_device=True: workers only read file bytes; JPEGs are decoded in one batched call on the device
     (torchvision.io.decode_jpeg(device='cuda') uses the GPU's decoder) and resized there.
+    Any map-style dataset of (image, label) items works too (e.g. densesiam.SegFolder: no `raw`).
     """
 
     def __init__(self, dataset, batch_per_rank, rank, world_size, seed, device, workers, shuffle=True, drop_last=True):
         self.dataset, self.batch, self.rank, self.world, self.seed = dataset, batch_per_rank, rank, world_size, seed
         self.device, self.workers, self.shuffle, self.drop_last = device, workers, shuffle, drop_last
+        self.raw = getattr(dataset, "raw", False)  # items are file bytes (decode_on_device)
         self.epoch, self.start_batch = 0, 0
 
     set_epoch = TensorLoader.set_epoch
@@ -814,6 +816,32 @@ class FolderLoader:
             raise InputError(str(error).strip().splitlines()[-1].removeprefix("common.InputError: ")) from None
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an unlabelled folder is searched for (any case)
+
+
+def has_labels(data):
+    """True for the built-in sets and ImageNet-layout folders (a train/ folder inside). Any other
+    folder is a collection of unlabelled images (COCO train2017, a folder of photos)."""
+    return data in ("synthetic", "cifar10") or (Path(data) / "train").is_dir()
+
+
+def _unlabelled_samples(root):
+    """(path, -1) for every .jpg/.jpeg/.png under root at any depth, in a fixed order (sorted
+    within each folder, the same on every rank). Symlinked folders are followed once; hidden
+    files and folders are skipped."""
+    samples, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink back into the tree: do not list (or loop over) a folder twice
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        samples += [(os.path.join(folder, name), -1) for name in sorted(files)
+                    if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
+    return samples
+
+
 def _folder_split(root, split):
     path = Path(root) / split
     if not path.is_dir():
@@ -838,13 +866,11 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
     """
     if data == "synthetic":
         n_train = synthetic_size
-    Any map-style dataset of (image, label) items works too (e.g. densesiam.SegFolder: no `raw`).
         n_val = max(synthetic_size // 5, 10)
         images, labels = make_synthetic(n_train + n_val, image_size, seed=12345)  # fixed: the dataset, not the run
         if split == "train":
             return "tensor", images[:n_train], labels[:n_train]
         return "tensor", images[n_train:], labels[n_train:]
-        self.raw = getattr(dataset, "raw", False)  # items are file bytes (decode_on_device)
     if data == "cifar10":
         import numpy as np
         from torchvision.datasets import CIFAR10
@@ -904,32 +930,6 @@ def load_size_of(cfg, data=None):
         return cfg.load_size
     in_memory = (data or cfg.data) in ("synthetic", "cifar10")
     return cfg.image_size if in_memory else cfg.image_size * 256 // 224
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an unlabelled folder is searched for (any case)
-
-
-def has_labels(data):
-    """True for the built-in sets and ImageNet-layout folders (a train/ folder inside). Any other
-    folder is a collection of unlabelled images (COCO train2017, a folder of photos)."""
-    return data in ("synthetic", "cifar10") or (Path(data) / "train").is_dir()
-
-
-def _unlabelled_samples(root):
-    """(path, -1) for every .jpg/.jpeg/.png under root at any depth, in a fixed order (sorted
-    within each folder, the same on every rank). Symlinked folders are followed once; hidden
-    files and folders are skipped."""
-    samples, seen = [], set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a symlink back into the tree: do not list (or loop over) a folder twice
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        samples += [(os.path.join(folder, name), -1) for name in sorted(files)
-                    if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
-    return samples
-
 
 
 def make_loaders(cfg, dist, eval_batch=256):
