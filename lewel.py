@@ -138,6 +138,7 @@ PRESETS = {
     # Sec. 3.3 (LEWEL_M is not released): batch 256, 200 epochs, MoCo's 65536-key queue.
     "imagenet-moco": dict(MOCO, arch="resnet50", stem="imagenet", image_size=224, crop_min_scale=0.2, batch_size=256,
                           epochs=200, queue_size=65536, knn_every=10, workers=10),
+    # Tables 1 and 3, LEWEL_M 100-epoch rows.
     "imagenet-moco-100ep": dict(MOCO, arch="resnet50", stem="imagenet", image_size=224, crop_min_scale=0.2,
                                 batch_size=256, epochs=100, queue_size=65536, knn_every=10, workers=10),
     # Sec. 3.3 and 4.4 (Tables 5-6, Fig. 3: LEWEL_M is the ablation default): ImageNet-100, lr doubled
