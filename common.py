@@ -9,6 +9,7 @@ Sections: config | distributed | backbone, heads, losses | augmentation | data |
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -183,11 +184,45 @@ class Dist:
 
 
 _DIST = Dist(0, 0, 1, torch.device("cpu"))
+_STORE = None  # this restart round's key-value store, once the process group exists
+
+
+def collective_timeout():
+    """Seconds a collective waits for the slowest rank before this rank gives up: $SSL_COLLECTIVE_TIMEOUT, default
+    600 (NCCL's default; gloo's is 1800). What one rank does alone while the others wait (rank 0 writing a
+    checkpoint, a first torch.compile) must fit in it."""
+    text = os.environ.get("SSL_COLLECTIVE_TIMEOUT", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    check(seconds > 0, f"SSL_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def _restart_round_store(rank, world_size):
+    """torchrun's key-value store at MASTER_ADDR:MASTER_PORT, with every key prefixed by the restart round.
+
+    NOTE: torchrun keeps one store for the whole job (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py,
+    `_shared_tcp_store_server`) and its workers join it with no per-restart prefix (torch/distributed/rendezvous.py,
+    `_create_c10d_store`). After a --max-restarts restart the store still holds the dead workers' gloo addresses
+    under the keys the new workers use, and a new worker that reads one before its peer overwrites it dies in
+    connectFullMesh ("connection refused"). A prefix per TORCHELASTIC_RESTART_COUNT keeps the rounds apart.
+    """
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise InputError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT: launch with torchrun")
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # otherwise rank 0 hosts it
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=rank == 0 and not agent_hosts_it)
+    return torch_dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def setup_distributed(device=None):
-    """Read the torchrun environment, pick the device, init the process group (nccl on CUDA, gloo on CPU)."""
-    global _DIST
+    """Read the torchrun environment, pick the device, init the process group (nccl on CUDA, gloo on CPU).
+
+    Collectives give up after collective_timeout() seconds (cleanup_distributed then names the missing ranks).
+    """
+    global _DIST, _STORE
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -198,14 +233,54 @@ def setup_distributed(device=None):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        timeout = datetime.timedelta(seconds=collective_timeout())
+        _STORE = _restart_round_store(rank, world_size)
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_STORE, rank=rank,
+                                      world_size=world_size, timeout=timeout)
     _DIST = Dist(rank, local_rank, world_size, device)
     return _DIST
 
 
 def cleanup_distributed():
+    """Destroy the process group. Every main() calls this in its `finally`.
+
+    When main() is leaving because a collective timed out (gloo: "Timed out waiting ..."), this rank first finds
+    out which ranks never reached that collective and ends the run with one line naming them (exit code 4).
+    NOTE: on CUDA, NCCL's watchdog ends a timed-out process by default (TORCH_NCCL_ASYNC_ERROR_HANDLING), with its
+    own message, before this runs.
+    """
+    global _STORE
+    error = sys.exc_info()[1]  # the exception main() is leaving with, if any
+    timed_out = isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+    message = _collective_timeout_report() if timed_out and _STORE is not None else None
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    _STORE = None
+    if message:
+        die(message, code=4)
+
+
+def _collective_timeout_report(grace=3.0):
+    """Every rank that timed out marks itself in the store and waits up to `grace` seconds for the others to do the
+    same: the ranks still unmarked never reached the collective (hung, or far behind)."""
+    seconds = collective_timeout()
+    try:
+        _STORE.set(f"timed_out_{_DIST.rank}", "1")
+        deadline = time.monotonic() + min(grace, seconds)
+        while True:
+            missing = [rank for rank in range(_DIST.world_size) if not _STORE.check([f"timed_out_{rank}"])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    except RuntimeError:  # the store went away with the node that hosts it
+        missing = None
+    head = f"rank {_DIST.rank}: a collective did not complete within {seconds:g} s (SSL_COLLECTIVE_TIMEOUT)"
+    if missing is None:
+        return f"{head}; the store is unreachable, so which rank hung is unknown: stopping"
+    if not missing:
+        return f"{head}; every rank was waiting, in different collectives: stopping"
+    names = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}"
+    return f"{head}; {names} never reached it (hung or much slower than the others): stopping"
 
 
 def is_main():
@@ -1119,6 +1194,9 @@ def save_checkpoint(state, path):
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(stream.fileno(), 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -1189,18 +1267,21 @@ class StopSignal:
     """Remember SIGTERM/SIGINT so the loop can save a checkpoint at a step boundary and exit 128 + signal number."""
 
     def __init__(self):
-        self.received, self.grace_started = None, False
+        self.received, self.first_signal_at = None, None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        # A rank blocked in a collective (its peer died) never reaches a step boundary: SIGALRM's default action
-        # ends it after a grace period, so torchrun's teardown cannot leave it hanging. A second signal ends it now.
-        if self.grace_started:
-            os._exit(128 + signum)
-        self.grace_started = True
-        signal.alarm(120)
+        now = time.monotonic()
+        if self.first_signal_at is None:
+            self.received, self.first_signal_at = signal.Signals(signum).name, now
+            # A rank blocked in a collective (its peer died) never reaches a step boundary: SIGALRM's default
+            # action ends it after a grace period, so a teardown cannot leave it hanging.
+            signal.alarm(120)
+        elif now - self.first_signal_at > 5:
+            os._exit(128 + signum)  # asked again, later: stop now, without a checkpoint
+        # A repeat within 5 s is the same request: Ctrl-C and schedulers signal every process, and torchrun
+        # then passes its own copy on to the workers.
 
     def agreed(self):
         """True on every rank when any rank got a signal (ranks must stop at the same step or DDP hangs)."""

@@ -168,3 +168,270 @@ def test_elastic_restart_resumes_by_itself(tmp_path, monkeypatch):
     assert common.should_resume(cfg)
     result = byol.main(TINY + ["--out", str(tmp_path)])  # no --resume flag: continues from step 2
     assert result["step"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real launches: `python -m torch.distributed.run` with 2 CPU processes (gloo, 1 thread each), tiny runs of 16 steps,
+# faults injected from outside (SIGKILL of one worker, SIGTERM to the launcher) or by a driver script.
+# ---------------------------------------------------------------------------------------------------------------------
+
+LAUNCH = {  # 48 images at global batch 8 (4 per process): 6 steps, last.pt after steps 3 and 6
+    "byol": ["byol.py", "--synthetic-size", "48", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "64",
+             "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1", "--device", "cpu",
+             "--ckpt-every-steps", "3"],
+    # LEWEL_M: the key queue (and the shuffled-BN key forward) is state that a restart must carry over
+    "lewel": ["lewel.py", "--preset", "moco", "--synthetic-size", "48", "--image-size", "40", "--batch-size", "8",
+              "--hidden-dim", "32", "--proj-dim", "16", "--queue-size", "64", "--epochs", "1", "--knn-every", "0",
+              "--log-every", "1", "--device", "cpu", "--ckpt-every-steps", "3"],
+}
+STEPS = 6
+TWO_PROCESSES = ["--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(launch_args, script_args, log, extra_env=None):
+    """Start torchrun in its own session (so that `finish` can end every process it started), output to `log`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
+    with open(log, "w") as stream:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch_args, *script_args], cwd=ROOT,
+                                env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(process, timeout):
+    """Exit code of a launch (None if it still runs after `timeout` s); afterwards kill what is left of its session,
+    so no worker outlives the test."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_file(path, process, timeout=120):
+    """Wait until `path` exists (the first last.pt: step 3) while `process` runs."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, f"no {path.name}, exit code {process.poll()}"
+        time.sleep(0.05)
+
+
+def worker_pids(agent_pid):
+    """{LOCAL_RANK: pid} of the workers a torchrun agent started (its child processes)."""
+    pids = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if parent == agent_pid:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+                pids[int(variables[b"LOCAL_RANK"])] = int(entry)
+        except (OSError, KeyError, IndexError):
+            pass
+    return pids
+
+
+def final_state(path):
+    """(step, every tensor a resumed run must reproduce: online, target, optimizer state, LEWEL_M's queue)."""
+    state = torch.load(path, weights_only=True)
+    tensors = {f"{part}.{name}": value for part in ("model", "target", "queue")
+               for name, value in (state.get(part) or {}).items()}
+    for index, slots in state["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{index}.{name}": value for name, value in slots.items() if torch.is_tensor(value)})
+    return state["step"], tensors
+
+
+def assert_same_state(a, b):
+    (step_a, tensors_a), (step_b, tensors_b) = a, b
+    assert step_a == step_b == STEPS
+    assert tensors_a.keys() == tensors_b.keys()
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), name
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """straight(method): final state of an uninterrupted 2-process launch, run once per module."""
+    done = {}
+
+    def run(method):
+        if method not in done:
+            out = tmp_path_factory.mktemp(f"straight_{method}")
+            process = torchrun(TWO_PROCESSES, LAUNCH[method] + ["--out", str(out)], out / "log")
+            assert finish(process, 240) == 0, (out / "log").read_text()[-3000:]
+            done[method] = final_state(out / "last.pt")
+        return done[method]
+    return run
+
+
+@pytest.mark.parametrize("method", ["byol", "lewel"])
+def test_elastic_restart_after_sigkill_of_one_worker_matches_an_uninterrupted_run(tmp_path, straight, method):
+    # README: under `torchrun --max-restarts N` a restarted worker continues from <out>/last.pt by itself
+    log = tmp_path / "log"
+    process = torchrun(TWO_PROCESSES + ["--max-restarts=1"], LAUNCH[method] + ["--out", str(tmp_path)], log)
+    wait_for_file(tmp_path / "last.pt", process)
+    os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
+    assert finish(process, 240) == 0, log.read_text()[-4000:]
+    resumed = [line for line in log.read_text().splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and 3 <= int(resumed[0].split()[-1]) < STEPS, resumed  # really restarted mid-run
+    assert_same_state(final_state(tmp_path / "last.pt"), straight(method))
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_match_one_node_with_two_processes(tmp_path, straight):
+    # README's multi-node command, with two torchrun "nodes" of one process each on 127.0.0.1
+    launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+              "--rdzv-id=two-nodes"]
+    nodes = [torchrun(launch, LAUNCH["byol"] + ["--out", str(tmp_path)], tmp_path / f"node{n}.log") for n in (0, 1)]
+    codes = [finish(node, 240) for node in nodes]
+    assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1)]
+    assert_same_state(final_state(tmp_path / "last.pt"), straight("byol"))
+
+
+def test_sigterm_to_torchrun_saves_and_the_same_command_with_resume_continues(tmp_path, straight):
+    # a scheduler's pre-emption: SIGTERM to the launcher, which passes it on to its workers and waits for them
+    command = LAUNCH["byol"] + ["--out", str(tmp_path)]
+    process = torchrun(TWO_PROCESSES, command, tmp_path / "first.log")
+    wait_for_file(tmp_path / "last.pt", process)
+    process.send_signal(signal.SIGTERM)
+    assert finish(process, 60) != 0
+    text = (tmp_path / "first.log").read_text()
+    assert "stopped at step" in text and "(SIGTERM)" in text, text[-3000:]
+    stopped_at, _ = final_state(tmp_path / "last.pt")
+    assert 3 <= stopped_at < STEPS
+    relaunch = torchrun(TWO_PROCESSES, command + ["--resume"], tmp_path / "second.log")
+    assert finish(relaunch, 240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert f"resumed from {tmp_path}/last.pt at step {stopped_at}" in (tmp_path / "second.log").read_text()
+    assert_same_state(final_state(tmp_path / "last.pt"), straight("byol"))
+
+
+def test_a_signal_repeated_by_the_launcher_still_saves_first(monkeypatch):
+    # Ctrl-C (or a scheduler signalling every process) reaches the workers directly and again through torchrun,
+    # milliseconds apart: that is one request to stop at the next step boundary, not a second "stop now"
+    import common
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # what the handler would end the process with
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = common.StopSignal()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (stop.received, exits) == ("SIGTERM", [])
+        stop.first_signal_at -= 10  # asked again 10 s later (a person pressing Ctrl-C twice): stop now
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        signal.alarm(0)  # the first signal armed the 120 s grace alarm
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+KILL_DURING_SAVE = '''
+import io, sys, time
+import torch
+import common
+
+out = sys.argv[1]
+common.save_checkpoint(dict(step=2, model=dict(w=torch.full((1000,), 2.0))), out + "/last.pt")
+real_save = torch.save
+
+
+def slow_save(state, stream):
+    """Write half of the checkpoint, tell the test, and wait there to be killed."""
+    buffer = io.BytesIO()
+    real_save(state, buffer)
+    stream.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    stream.flush()
+    open(out + "/writing", "w").close()
+    time.sleep(600)
+
+
+torch.save = slow_save
+common.save_checkpoint(dict(step=3, model=dict(w=torch.full((1000,), 3.0))), out + "/last.pt")
+'''
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DURING_SAVE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    process = subprocess.Popen([sys.executable, str(driver), str(tmp_path)], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_file(tmp_path / "writing", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    torn = [path for path in tmp_path.iterdir() if path.name.startswith("last.pt.") and path.suffix == ".tmp"]
+    assert len(torn) == 1 and 0 < torn[0].stat().st_size  # killed in the middle of writing step 3
+    with pytest.raises(Exception):
+        torch.load(torn[0], weights_only=True)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 2 and torch.equal(state["model"]["w"], torch.full((1000,), 2.0))
+
+
+HANG_ONE_RANK = '''
+import os, sys, time
+import common
+import byol
+
+real_check_finite = common.check_finite
+
+
+def check_finite_that_hangs_on_rank_1(step, terms, checkpoint):
+    """Rank 1 stops answering at step 3 (a stuck read, a deadlock) while rank 0 waits in the loss all-reduce."""
+    if step == 3 and os.environ["RANK"] == "1":
+        open(sys.argv[1] + "/hang_started", "w").write(str(time.time()))
+        time.sleep(600)
+    return real_check_finite(step, terms, checkpoint)
+
+
+common.check_finite = check_finite_that_hangs_on_rank_1
+byol.main(sys.argv[2:])
+'''
+
+
+def test_a_hung_rank_is_named_once_the_collective_timeout_expires(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(HANG_ONE_RANK)
+    log = tmp_path / "log"
+    process = torchrun(TWO_PROCESSES, [str(driver), str(tmp_path)] + LAUNCH["byol"][1:] +
+                       ["--out", str(tmp_path / "run")], log, dict(SSL_COLLECTIVE_TIMEOUT="5", PYTHONPATH=ROOT))
+    deadline = time.time() + 120  # without a collective timeout rank 0 would wait gloo's default, 30 min
+    try:
+        while "\nerror: " not in log.read_text() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        reported = time.time()
+    finally:
+        finish(process, 0.1)  # torchrun would now SIGTERM rank 1, and SIGKILL it 30 s later: not waited for here
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: rank 0: a collective did not complete within 5 s (SSL_COLLECTIVE_TIMEOUT); rank 1 never reached it "
+        "(hung or much slower than the others): stopping"], text[-4000:]
+    # 5 s timeout + 3 s for the other ranks to report themselves, and slack for a loaded machine
+    assert reported - float((tmp_path / "hang_started").read_text()) < 5 + 3 + 10
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    # the temp file behind the atomic write is created 0600; the checkpoint must be readable like any file the user
+    # writes (another account's eval job, a shared team folder)
+    import stat
+
+    import common
+
+    umask = os.umask(0o022)
+    try:
+        common.save_checkpoint({"step": 1, "model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
