@@ -76,6 +76,7 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
+    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
 PRESETS = {
@@ -262,6 +263,23 @@ def train(cfg, dist):
     return dict(model=model, target=target, step=step, knn=accuracy)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Show
+# ---------------------------------------------------------------------------------------------------------------------
+
+def show(cfg, dist):
+    """--show: <out>/show.png, the two views of four images as train() makes them at step 0."""
+    images, generator = common.show_batch(cfg, dist)
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0))
+               for recipe in common.BYOL_VIEWS]
+    views, boxes, flips = zip(*(augment(images, recipe, cfg.image_size, generator)
+                                for recipe in recipes))
+    return common.save_picture(
+        common.view_rows(images, views, boxes, flips), f"{cfg.out}/show.png",
+        "per image: the crops of view 1 (yellow) and view 2 (cyan), then the views ('flip' = "
+        "mirrored; BYOL_VIEWS: view 1 is always blurred, view 2 rarely, and solarized at p 0.2)")
+
+
 def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
@@ -269,6 +287,8 @@ def main(argv=None):
         common.check_common_config(cfg, dist.world_size)
         if cfg.benchmark:
             return common.run_benchmark(train, cfg, dist)
+        if cfg.show:
+            return show(cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

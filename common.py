@@ -1586,6 +1586,147 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Pictures: `python <method>.py --show` writes <out>/show.png, what the method does on one batch.
+# The method file's show() picks what to draw; these helpers draw it (torchvision.utils on uint8
+# 3 x H x W pictures, no matplotlib). Points and boxes are in augment's coordinates: (x, y) in
+# [0, 1] of a picture, edge-based (0 and 1 are its outer edges).
+# ---------------------------------------------------------------------------------------------------------------------
+
+PANEL = 128  # px of every panel: inputs are enlarged (nearest), so boxes and labels stay readable
+COLOURS = ("yellow", "cyan", "magenta", "lime", "orange", "white", "red", "blueviolet")
+
+
+def show_batch(cfg, dist, count=4):
+    """The first `count` images of the first training batch (uint8, on the device) and the
+    augmentation generator of step 0."""
+    loader = make_loader(cfg.data, "train", cfg.image_size, count, dist, cfg.seed, cfg.workers,
+                         synthetic_size=cfg.synthetic_size, load_size=load_size_of(cfg),
+                         decode_on_device=cfg.gpu_decode)
+    images, _ = next(iter(loader))
+    return images, step_generator(dist.device, cfg.seed, dist.rank, 0)
+
+
+def to_uint8(views):
+    """Normalised views (augment's output, B x 3 x S x S) -> their uint8 pixels, on the CPU."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (views.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def enlarge(images, size=PANEL, brightness=1.0):
+    """uint8 B x 3 x h x w -> B x 3 x size x size on the CPU, nearest: every input pixel a visible
+    block. Dimmed (brightness < 1), an image lets the boxes drawn on it stand out."""
+    images = F.interpolate(images.cpu(), size=(size, size), mode="nearest")
+    return images if brightness == 1 else images.mul(brightness).round().to(torch.uint8)
+
+
+def box_pixels(boxes, size):
+    """Normalised boxes N x 4 (x0, y0, x1, y1) -> the rectangles draw_bounding_boxes outlines on a
+    size x size picture: the first and last pixel column and row inside each box."""
+    boxes = boxes.detach().float().cpu() * size
+    return torch.cat([boxes[:, :2].round(), boxes[:, 2:].round() - 1], dim=1)
+
+
+def draw_boxes(picture, boxes, labels=None, colours=COLOURS, width=2, fill=False):
+    """Outline N boxes (N x 4, normalised) on a uint8 picture, box n in colours[n % len] (and
+    shaded in it, with fill)."""
+    colours = [colours[n % len(colours)] for n in range(len(boxes))]
+    return torchvision.utils.draw_bounding_boxes(picture, box_pixels(boxes, picture.shape[-1]),
+                                                 labels=labels, colors=colours, width=width,
+                                                 fill=fill)
+
+
+def draw_points(picture, points, colour="yellow", radius=2, connectivity=None, width=1):
+    """Dots at points K x N x 2 ((x, y), normalised: K sets of N points), joined within each set
+    by the lines in connectivity (pairs of point indices)."""
+    pixels = points.detach().float().cpu() * picture.shape[-1] - 0.5  # PIL: pixel i's centre at i
+    return torchvision.utils.draw_keypoints(picture, pixels, connectivity=connectivity,
+                                            colors=colour, radius=radius, width=width)
+
+
+def spotlight(picture, weights):
+    """Dim a uint8 picture where weights (h x w, enlarged nearest) are low, stretched from the
+    smallest weight (x 0.15) to the largest (x 1): where a map puts its weight, not how much."""
+    weights = weights.detach().float().cpu()[None, None]
+    weights = F.interpolate(weights, size=picture.shape[-2:], mode="nearest")[0]
+    weights = (weights - weights.min()) / (weights.max() - weights.min()).clamp(min=1e-12)
+    return (picture.float() * (0.15 + 0.85 * weights)).round().to(torch.uint8)
+
+
+def cell_centres(height, width):
+    """Centres of the cells of a height x width map that covers a view edge to edge: HW x 2
+    (x, y), row-major (the order of a flattened B x C x H x W map)."""
+    ys, xs = torch.meshgrid((torch.arange(height) + 0.5) / height,
+                            (torch.arange(width) + 0.5) / width, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+
+
+def view_to_image(points, boxes, flips):
+    """Points of views (B x N x 2, normalised) -> the same points of the images they came from.
+
+    crop_resize's map, inverted: view column s shows image column x0 + s (x1 - x0), or
+    x0 + (1 - s) (x1 - x0) in a mirrored view; rows likewise, never mirrored."""
+    boxes, flips = boxes.detach().float().cpu(), flips.cpu()
+    x0, y0, x1, y1 = (boxes[:, i].view(-1, 1) for i in range(4))
+    s = torch.where(flips.view(-1, 1), 1 - points[..., 0], points[..., 0])
+    return torch.stack([x0 + s * (x1 - x0), y0 + points[..., 1] * (y1 - y0)], dim=-1)
+
+
+def draw_matches(images, index, size, boxes, flips):
+    """Per image, dense matches drawn on it: every position of view 1's h x w map (red dot) joined
+    by a line to the position of view 2's map that index (B x hw, dense_match's) sends it to.
+    size = (h, w) of both maps; boxes, flips: augment's, of views 1 and 2."""
+    centres = cell_centres(*size).expand(len(index), -1, -1)                # B x hw x 2
+    starts = view_to_image(centres, boxes[0], flips[0])
+    ends = view_to_image(centres, boxes[1], flips[1])
+    ends = ends.gather(1, index.cpu()[..., None].expand(-1, -1, 2))        # the matched positions
+    panels = []
+    for i, picture in enumerate(enlarge(images, brightness=0.7)):
+        picture = draw_boxes(picture, torch.stack([boxes[0][i], boxes[1][i]]), width=1)
+        pairs = torch.stack([starts[i], ends[i]], dim=1)                    # hw x 2 x 2
+        picture = draw_points(picture, pairs, radius=1, connectivity=[(0, 1)])
+        panels.append(draw_points(picture, starts[i][None], colour="red"))
+    return panels
+
+
+def view_rows(images, views, boxes, flips):
+    """One row of panels per image: the image (dimmed) with the crop box of every view (box v
+    labelled v + 1), then the views, framed in the colour of their box and labelled v + 1, and
+    "flip" where the view is mirrored."""
+    rows = []
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    for i, picture in enumerate(enlarge(images, brightness=0.7)):
+        labels = [str(v + 1) for v in range(len(views))]
+        rows.append([draw_boxes(picture, torch.stack([box[i] for box in boxes]), labels)])
+        for v, (view, flip) in enumerate(zip(views, flips)):
+            label = f"{v + 1}" + (" flip" if flip[i] else "")
+            panel = enlarge(to_uint8(view[i:i + 1]))[0]
+            rows[-1].append(draw_boxes(panel, whole, [label], COLOURS[v:]))
+    return rows
+
+
+def save_picture(rows, path, caption):
+    """Lay rows of panels out in one grid (None, or a short row: blank panels) and write it as a
+    PNG (rank 0), printing its path and a caption. Returns the path.
+
+    The PNG has a palette of 256 colours (PIL's quantize): a third of the bytes of RGB, so the
+    pictures in docs/ stay small; the views' noise and colours survive it visibly unchanged."""
+    import PIL.Image
+
+    columns = max(len(row) for row in rows)
+    blank = torch.full((3, PANEL, PANEL), 255, dtype=torch.uint8)
+    panels = [blank if panel is None else panel
+              for row in rows for panel in row + [None] * (columns - len(row))]
+    if is_main():
+        prepare_output_dir(Path(path).parent)
+        grid = torchvision.utils.make_grid(panels, nrow=columns, padding=4, pad_value=255)
+        picture = PIL.Image.fromarray(grid.permute(1, 2, 0).numpy())
+        picture.quantize(256).save(path, format="PNG", optimize=True)
+        print0(f"wrote {path}\n{caption}")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # ---- Dense matching (DenseBYOL, Ladder-DenseBYOL) ----
 # DenseCL-style correspondence between the feature maps of two views (Wang et al. 2021, Sec. 3.2; Ladder Siamese
 # Network Eq. 7 "align"): every position of view a regresses onto the position of view b that looks most like it.

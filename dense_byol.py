@@ -88,6 +88,7 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
+    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
 _IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, base_lr=0.45,
@@ -287,6 +288,34 @@ def train(cfg, dist):
     return dict(model=model, target=target, step=step, knn=accuracy)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Show
+# ---------------------------------------------------------------------------------------------------------------------
+
+def show(cfg, dist):
+    """--show: <out>/show.png, the two views of four images as train() makes them at step 0, and
+    where align() sends every res5 position of view 1 in view 2, for the untrained model (whose
+    target is the same network)."""
+    torch.manual_seed(cfg.seed)
+    images, generator = common.show_batch(cfg, dist)
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0))
+               for recipe in common.BYOL_VIEWS]
+    views, boxes, flips = zip(*(augment(images, recipe, cfg.image_size, generator)
+                                for recipe in recipes))
+    model = DenseBYOL(cfg).to(dist.device)  # train mode (batch statistics), as the loss sees it
+    with torch.no_grad():
+        query, key = (embed(model, view, cfg.match_on)["match"] for view in views)  # B x C x h x w
+    index = common.dense_match(query, key)  # B x hw: the view-2 position of each view-1 position
+    matches = common.draw_matches(images, index, query.shape[-2:], boxes, flips)
+    rows = common.view_rows(images, views, boxes, flips)
+    rows = [row + [panel] for row, panel in zip(rows, matches)]
+    return common.save_picture(
+        rows, f"{cfg.out}/show.png",
+        "per image: the crops of view 1 (yellow) and view 2 (cyan), the views ('flip' = mirrored), "
+        "and the dense matches on the image: every res5 position of view 1 (red dot) joined to the "
+        "view-2 position dense_match picks for it. UNTRAINED model: the matches of random features")
+
+
 def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
@@ -297,6 +326,8 @@ def main(argv=None):
                      f"--match-on must be projection or backbone, got {cfg.match_on!r}")
         if cfg.benchmark:
             return common.run_benchmark(train, cfg, dist)
+        if cfg.show:
+            return show(cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

@@ -99,6 +99,7 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the model
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
+    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
 # Paper Sec. 5.1: SimSiam recipe, SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, cosine;
@@ -1147,6 +1148,38 @@ def parse_config(argv):
     return cfg
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Show
+# ---------------------------------------------------------------------------------------------------------------------
+
+def show(cfg, dist):
+    """--show: <out>/show.png, the two views of four images as train() makes them at step 0, with
+    the PixSim grid: the K x K points of the crop intersection at which both views are read out."""
+    images, generator = common.show_batch(cfg, dist)
+    views, boxes, flips = zip(*(augment(images, common.SIMSIAM_VIEW, cfg.image_size, generator)
+                                for _ in range(2)))
+    grid1, grid2, valid = intersection_grids(boxes[0], flips[0], boxes[1], flips[1], cfg.grid_size)
+    intersections = box_intersection(boxes[0], boxes[1])[0]
+    k = cfg.grid_size
+    lattice = ([(n, n + 1) for n in range(k * k) if n % k < k - 1]      # grid lines: along rows,
+               + [(n, n + k) for n in range(k * k - k)])                 # and down columns
+    rows = common.view_rows(images, views, boxes, flips)
+    for i, row in enumerate(rows):
+        if not valid[i]:  # the crops do not overlap: no grid (the losses mask this image out)
+            continue
+        row[0] = common.draw_boxes(row[0], intersections[i:i + 1], colours=("white",), fill=True)
+        for v, grid in ((1, grid1), (2, grid2)):
+            points = (grid[i].reshape(1, -1, 2) + 1) / 2  # grid_sample's [-1, 1] -> [0, 1]
+            row[v] = common.draw_points(row[v], points, "white", radius=1, connectivity=lattice)
+            row[v] = common.draw_points(row[v], points[:, :1], "red", radius=3)  # the first point
+    return common.save_picture(
+        rows, f"{cfg.out}/show.png",
+        "per image: the crops of view 1 (yellow) and view 2 (cyan) and their intersection (shaded), "
+        f"then each view ('flip' = mirrored) with the {k} x {k} PixSim points of "
+        "intersection_grids (red: the first point, top left of the intersection): the same points "
+        "of the image in both views")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -1155,6 +1188,8 @@ def main(argv=None):
         check_config(cfg, dist.world_size)
         if cfg.task == "pretrain" and cfg.benchmark:
             return common.run_benchmark(train, cfg, dist)
+        if cfg.task == "pretrain" and cfg.show:
+            return show(cfg, dist)
         return train_seg(cfg, dist) if cfg.task == "seg" else train(cfg, dist)
     except InputError as error:
         common.die(str(error))

@@ -102,6 +102,7 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
+    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
 # LEWEL_M recipe (Sec. 3.3): MoCo v2 with SGD (momentum 0.9) lr 0.06 at batch 256, wd 1e-4, 2048/128
@@ -537,6 +538,46 @@ def train(cfg, dist):
     return dict(model=model, target=target, step=step, knn=accuracy)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Show
+# ---------------------------------------------------------------------------------------------------------------------
+
+def show(cfg, dist):
+    """--show: <out>/show.png, the two views of four images as train() makes them at step 0, and
+    on each view the alignment maps (one per channel group) that pool aligned embedding 0, for
+    the untrained online network."""
+    torch.manual_seed(cfg.seed)
+    images, generator = common.show_batch(cfg, dist)
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0))
+               for recipe in (MOCO_VIEWS if cfg.variant == "moco" else LEWEL_VIEWS)]
+    views, boxes, flips = zip(*(augment(images, recipe, cfg.image_size, generator)
+                                for recipe in recipes))
+    model = LEWEL(cfg).to(dist.device)  # train mode (batch statistics), as the loss sees it
+    rows = []
+    for original, view1, view2 in common.view_rows(images, views, boxes, flips):
+        rows += [[original, view1], [None, view2]]  # one row per view: the view, then its maps
+    peaks = []
+    with torch.no_grad():
+        for v, view in enumerate(views):
+            features = model.backbone(view)["res5"]                                  # B x C x h x w
+            heatmaps = coupled_projection(model.projector, features)[1]              # B x d x hw
+            height, width = features.shape[-2:]
+            maps = alignment_maps(heatmaps, cfg.scale)                               # B x d x hw
+            maps = maps.view(len(view), cfg.groups, -1, height, width)[:, :, 0]  # embedding 0's
+            peaks.append(maps.flatten(2).amax(2) / maps.flatten(2).amin(2))
+            for i in range(len(view)):
+                row = rows[2 * i + v]
+                row += [common.spotlight(row[1], group_map) for group_map in maps[i]]
+    return common.save_picture(
+        rows, f"{cfg.out}/show.png",
+        "per image, two rows: the crops of view 1 (yellow) and view 2 (cyan); view 1 ('flip' = "
+        f"mirrored) and the {cfg.groups} alignment maps (one per channel group) that pool its "
+        "aligned embedding 0; the same for view 2 (embedding 0 of one view is matched to embedding 0 of "
+        "the other). Each map stretched from its smallest weight (dark) to its largest (bright). "
+        "UNTRAINED network: the largest weight is only "
+        f"{torch.cat(peaks).mean():.2f}x the smallest")
+
+
 def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
@@ -544,6 +585,8 @@ def main(argv=None):
         check_config(cfg, dist.world_size)
         if cfg.benchmark:
             return common.run_benchmark(train, cfg, dist)
+        if cfg.show:
+            return show(cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))

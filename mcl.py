@@ -102,6 +102,7 @@ class Config:
     device: str = ""                 # "" = cuda if available else cpu
     compile: bool = False            # torch.compile the online and target networks
     benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
+    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
 # Paper Sec. 4.1 + official configs/selfsup/MCL/MCL.py: LARS, 4096 global batch (32 x 128),
@@ -186,19 +187,23 @@ def assemble_montages(views, ratio, num_montages, generator=None, order=None):
     return montages.reshape(num_montages, channels, ratio * h, ratio * w), tile_ids
 
 
-def make_inputs(images, recipes, cfg, counts, generator, memory_format):
+def make_inputs(images, recipes, cfg, counts, generator, memory_format, crops=None):
     """Both branches' network inputs: per branch one stack [full views; level-1 montages; ...] and the tile ids.
 
     images: B x 3 x L x L uint8; recipes: one ViewRecipe per branch. Every level of every branch gets its own
     augmented view (same recipe within a branch, fresh randomness; Sec. 4.1 "augmented separately with different
     random seeds"; official: 8 pipelines, views 0-3 for branch "q" and 4-7 for branch "k").
     Returns stacks [2 x (sum counts) x 3 x S x S] and tile_ids [2 x [level s: (counts[s] * 4^s,) long]].
+    crops: a list that receives augment's (boxes, flips) of every view, branch by branch, level by
+    level (for --show).
     """
     stacks, tile_ids = [], []
     for recipe in recipes:
         parts, ids = [], []
         for level, count in enumerate(counts):
-            view = augment(images, recipe, cfg.image_size, generator)[0]                   # B x 3 x S x S
+            view, boxes, flips = augment(images, recipe, cfg.image_size, generator)  # B x 3 x S x S
+            if crops is not None:
+                crops.append((boxes, flips))
             if level == 0:
                 parts.append(view)
                 ids.append(torch.arange(images.shape[0], device=images.device))
@@ -588,6 +593,51 @@ def train(cfg, dist):
     return dict(model=model, target=target, step=step, knn=accuracy)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Show
+# ---------------------------------------------------------------------------------------------------------------------
+
+def show(cfg, dist):
+    """--show: <out>/show.png, make_inputs on four images as train() calls it at step 0: per image
+    the crops of the views of every level of both branches and the two level-0 views; then per
+    branch the first montage of every level with its tile windows (the loss's tile_windows, cut
+    from a map of pixel coordinates)."""
+    images, generator = common.show_batch(cfg, dist)
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0),
+                                   interpolation="bilinear") for recipe in common.BYOL_VIEWS]
+    counts, crops = montage_counts(len(images), cfg.level_copies), []
+    stacks, tile_ids = make_inputs(images, recipes, cfg, counts, generator,
+                                   torch.contiguous_format, crops)
+    levels, colours, whole = len(counts), common.COLOURS, torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    rows = [[] for _ in images]  # image i, its views and its tiles are framed in colours[i]
+    for branch, name in enumerate("qk"):
+        boxes, flips = zip(*crops[branch * levels:(branch + 1) * levels])  # per level: B x 4, B
+        views = common.enlarge(common.to_uint8(stacks[branch][:len(images)]))  # level 0
+        for i, (picture, row) in enumerate(zip(common.enlarge(images, brightness=0.7), rows)):
+            labels = [f"{name}{s}" + ("*" if flips[s][i] else "") for s in range(levels)]
+            picture = common.draw_boxes(picture, whole, colours=colours[i:], width=4)
+            crop_boxes = torch.stack([box[i] for box in boxes])
+            row.insert(branch, common.draw_boxes(picture, crop_boxes, labels, ("white",), width=1))
+            row.append(common.draw_boxes(views[i], whole, [f"{name}0"], colours[i:], width=4))
+    size = cfg.image_size
+    pixels = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="xy"))
+    for branch in range(2):  # one row per branch: the first montage of every level s > 0
+        rows.append([])
+        for s in range(1, levels):
+            windows = tile_windows(pixels[None].float(), 2 ** s)  # 4^s x 2 x t x t: (x, y)
+            tiles = torch.cat([windows.amin((2, 3)), windows.amax((2, 3)) + 1], dim=1) / size
+            montage = common.enlarge(common.to_uint8(stacks[branch][sum(counts[:s]):][:1]))[0]
+            ids = tile_ids[branch][s][:4 ** s].tolist()
+            labels = [str(i) for i in ids] if common.PANEL >> s >= 24 else None  # where they fit
+            rows[-1].append(common.draw_boxes(montage, tiles, labels, [colours[i] for i in ids], 1))
+    return common.save_picture(
+        rows, f"{cfg.out}/show.png",
+        "rows 1-4, per image (frame colour = image): the crops of branch q's views of levels "
+        "0..S-1 (q0.., * = mirrored), the same for branch k, then the level-0 views q0, k0. "
+        "Last two rows, branch q then k: the first montage of levels 1..S-1, every tile window "
+        "outlined in the colour (and, where it fits, the number) of its source image")
+
+
 def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
@@ -596,6 +646,8 @@ def main(argv=None):
         check_mcl_config(cfg)
         if cfg.benchmark:
             return common.run_benchmark(train, cfg, dist)
+        if cfg.show:
+            return show(cfg, dist)
         return train(cfg, dist)
     except InputError as error:
         common.die(str(error))
