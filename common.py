@@ -4,7 +4,7 @@ A toolbox, not a framework: plain functions and small classes, no base classes t
 Each section below is one topic; a method file imports what it needs and writes its own heads, losses and loop.
 
 Sections: config | distributed | backbone, heads, losses | augmentation | data | optimisation (LARS, schedules, EMA)
-          | checkpoints | logging | kNN monitor
+          | checkpoints | logging | kNN monitor | dense labels and mIoU
 """
 
 import argparse
@@ -719,11 +719,19 @@ def step_generator(device, seed, rank, step):
 # Batches reach the device as uint8.
 # ---------------------------------------------------------------------------------------------------------------------
 
+SYNTHETIC_PARTS = ("background", "bar", "disc")  # classes of make_synthetic's masks (with_masks)
+
+
 def _scene(size, generator):
-    """One class prototype: a size x size canvas of one background colour with 8 coloured discs and bars."""
+    """One class prototype: a size x size canvas of a background colour, 8 coloured discs and bars.
+
+    Returns (canvas 3 x size x size, parts size x size int64: each pixel's SYNTHETIC_PARTS index,
+    of the shape drawn last where shapes overlap). The part map takes no random draws.
+    """
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     canvas = torch.rand(3, 1, 1, generator=generator).expand(3, size, size)
+    parts = torch.zeros(size, size, dtype=torch.long)
     for index in range(8):
         cx, cy = (torch.rand(2, generator=generator) * 2 - 1).tolist()
         radius = 0.15 + 0.25 * torch.rand(1, generator=generator).item()
@@ -732,10 +740,11 @@ def _scene(size, generator):
         else:
             mask = ((xx - cx).abs() < radius) & ((yy - cy).abs() < 0.4 * radius)
         canvas = torch.where(mask, torch.rand(3, 1, 1, generator=generator), canvas)
-    return canvas
+        parts = torch.where(mask, 2 if index % 2 else 1, parts)
+    return canvas, parts
 
 
-def make_synthetic(num_images, image_size=64, seed=0, num_classes=10):
+def make_synthetic(num_images, image_size=64, seed=0, num_classes=10, with_masks=False):
     """Built-in labelled dataset: 10 "scenes" (the classes), each image a random snapshot of its class's scene.
 
     Each class is one fixed prototype canvas (2x the image side: a background colour with 8 coloured discs and
@@ -746,10 +755,14 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10):
     the 512 images after the 2,560 training ones); the default `python byol.py` run lifts it to 73.8 % (README).
     NOTE: an earlier version drew one of 10 shapes on randomly coloured backgrounds (random-init kNN 14 %); 120 to
     480 BYOL steps never lifted its kNN above random init, as every instance cue there (colour) is label-free.
-    Returns (images N x 3 x S x S uint8, labels N int64).
+    Returns (images N x 3 x S x S uint8, labels N int64); with_masks=True adds per-pixel labels
+    N x S x S int64 (SYNTHETIC_PARTS: 0 background, 1 bar, 2 disc), cut from each scene's part map
+    with the image's own crop and flip. The images are the same with or without them (the masks
+    take no random draws).
     """
     generator = torch.Generator().manual_seed(seed)
-    scenes = torch.stack([_scene(2 * image_size, generator) for _ in range(num_classes)])
+    scenes, parts = zip(*(_scene(2 * image_size, generator) for _ in range(num_classes)))
+    scenes = torch.stack(scenes)
     labels = torch.arange(num_images) % num_classes
     labels = labels[torch.randperm(num_images, generator=generator)]
     boxes = sample_crop_boxes(num_images, 1, 1, (0.2, 1.0), (3 / 4, 4 / 3), generator, "cpu")
@@ -758,7 +771,15 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10):
     factors = 0.5 + torch.rand(3, num_images, generator=generator)  # brightness, contrast, saturation in [0.5, 1.5)
     images = adjust_saturation(adjust_contrast(adjust_brightness(images, factors[0]), factors[1]), factors[2])
     images = images + 0.04 * torch.randn(images.shape, generator=generator)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    if not with_masks:
+        return images, labels
+    # The same boxes and flips on one channel per part: a pixel takes the part of the largest
+    # bilinear weight, whose colour dominates it. In chunks: the one-hot crops are float.
+    one_hot = F.one_hot(torch.stack(parts), len(SYNTHETIC_PARTS)).permute(0, 3, 1, 2).float()
+    masks = torch.cat([crop_resize(one_hot[labels[chunk]], boxes[chunk], flips[chunk], image_size)
+                       .argmax(dim=1) for chunk in torch.arange(num_images).split(256)])
+    return images, labels, masks
 
 
 class TensorLoader:
@@ -1442,6 +1463,199 @@ class Timer:
         result = (self.images / elapsed, self.data_seconds / elapsed)
         self.start, self.images, self.data_seconds = now, 0, 0.0
         return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dense labels and mIoU: per-pixel label maps (built-in masks, Pascal VOC, image/mask folders) and
+# confusion-matrix scores, for eval_linear.py --dense (densesiam.py --task seg scores with them too)
+# ---------------------------------------------------------------------------------------------------------------------
+
+IGNORE_LABEL = 255  # no loss or score counts it (VOC's object borders, COCO-Stuff's unlabelled)
+VOC_CLASS_NAMES = (  # Pascal VOC's label ids 0-20, in the devkit's order
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
+
+
+class SegmentationPairs(torch.utils.data.Dataset):
+    """(image file, label PNG) pairs as (image uint8 3 x L x L, label int64 L x L), L = size:
+    shorter side resized to L (the image antialiased, the label nearest), then the centre square.
+
+    A label PNG holds one class id per pixel: single-channel (mode L), or a palette PNG (mode P,
+    Pascal VOC's: the palette index is the class, its colour only displays it); 255 = ignore. An
+    RGB label image is refused: its colours are no class ids.
+    """
+
+    def __init__(self, pairs, size):
+        self.pairs, self.size = pairs, size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        from PIL import Image, UnidentifiedImageError
+
+        image_path, label_path = self.pairs[index]
+        try:
+            with Image.open(image_path) as image:
+                image = TF.pil_to_tensor(image.convert("RGB"))
+            with Image.open(label_path) as label:
+                if label.mode in ("RGB", "RGBA"):
+                    raise InputError(f"{label_path}: an {label.mode} label image; a label PNG "
+                                     f"holds a class id per pixel (mode L, or P: index = class)")
+                label = TF.pil_to_tensor(label)[:1]                   # 1 x H x W
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+            raise InputError(f"cannot decode {image_path} or its label: {error}") from None
+        if image.shape[-2:] != label.shape[-2:]:
+            raise InputError(f"{label_path}: size {tuple(label.shape[-2:])} differs from its image "
+                             f"{tuple(image.shape[-2:])}")
+        image = TF.center_crop(TF.resize(image, self.size, antialias=True), self.size)
+        label = TF.resize(label, self.size, interpolation=TF.InterpolationMode.NEAREST)
+        return image, TF.center_crop(label, self.size)[0].long()
+
+
+def paired_files(image_dir, label_dir, data, layout):
+    """[(image, label)]: every .jpg/.jpeg/.png of image_dir, sorted, with label_dir/<its stem>.png.
+    One line naming `layout` when a folder, every image or some label is missing."""
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise InputError(f"--data {data}: expected folder {folder} (layout: {layout})")
+    pairs = [(path, label_dir / (path.stem + ".png")) for path in sorted(image_dir.iterdir())
+             if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not pairs:
+        raise InputError(f"--data {data}: no images in {image_dir}")
+    missing = [str(label) for _, label in pairs if not label.is_file()]
+    if missing:
+        raise InputError(f"--data {data}: {len(missing)} images have no label PNG, "
+                         f"e.g. {missing[0]}")
+    return pairs
+
+
+# The folder layouts with per-pixel labels (split: train or val; NAME: the same in both folders)
+DENSE_LAYOUTS = {
+    "voc": "JPEGImages/NAME.jpg, SegmentationClass/NAME.png, ImageSets/Segmentation/<split>.txt",
+    "folders": "<split>/images/NAME.jpg|png, <split>/masks/NAME.png",
+    "cocostuff": "images/<split>/NAME.jpg|png, labels/<split>/NAME.png (what cocostuff.py writes)",
+}
+
+
+def dense_layout(data):
+    """"synthetic", the DENSE_LAYOUTS key of a --data folder, or None (no per-pixel labels)."""
+    root = Path(data)
+    if data == "synthetic":
+        return "synthetic"
+    if (root / "ImageSets" / "Segmentation").is_dir():
+        return "voc"
+    if (root / "train" / "images").is_dir() or (root / "val" / "images").is_dir():
+        return "folders"
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return "cocostuff"
+    return None
+
+
+def segmentation_pairs(data, split):
+    """[(image path, label PNG path)] of one split of a folder in one of the DENSE_LAYOUTS."""
+    root, layout = Path(data), dense_layout(data)
+    if layout == "voc":
+        names_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not names_file.is_file():
+            raise InputError(f"--data {data}: no {names_file} (layout: {DENSE_LAYOUTS['voc']})")
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        pairs = [(root / "JPEGImages" / f"{name}.jpg", root / "SegmentationClass" / f"{name}.png")
+                 for name in names]
+        missing = [str(path) for pair in pairs for path in pair if not path.is_file()]
+        if missing or not pairs:
+            found = f"{len(missing)} files missing, e.g. {missing[0]}" if missing else "none"
+            raise InputError(f"--data {data}: {names_file} lists {len(names)} images, {found}")
+        return pairs
+    if layout == "folders":
+        return paired_files(root / split / "images", root / split / "masks", data,
+                            DENSE_LAYOUTS["folders"])
+    if layout == "cocostuff":
+        return paired_files(root / "images" / split, root / "labels" / split, data,
+                            DENSE_LAYOUTS["cocostuff"])
+    raise InputError(f"--data {data} has no per-pixel labels: give 'synthetic' or a folder laid "
+                     f"out as " + "; or ".join(DENSE_LAYOUTS.values()))
+
+
+def dense_num_classes(data):
+    """Classes of a per-pixel-labelled set: 3 built in (SYNTHETIC_PARTS), 21 for Pascal VOC, else
+    1 + the largest label (not 255) of the train and val label PNGs, reading each of them once."""
+    layout = dense_layout(data)
+    if layout == "synthetic":
+        return len(SYNTHETIC_PARTS)
+    if layout == "voc":
+        return len(VOC_CLASS_NAMES)
+    import numpy as np
+    from PIL import Image
+
+    largest = -1
+    for split in ("train", "val"):
+        for _, label_path in segmentation_pairs(data, split):
+            with Image.open(label_path) as label:
+                values = np.unique(np.asarray(label))
+            values = values[values != IGNORE_LABEL]
+            largest = max(largest, int(values.max()) if values.size else -1)
+    if largest < 0:
+        raise InputError(f"--data {data}: every pixel of every label PNG is {IGNORE_LABEL}")
+    return largest + 1
+
+
+def make_dense_loader(data, split, size, batch_per_rank, dist, seed, workers=8, shuffle=True,
+                      drop_last=True, synthetic_size=2560):
+    """Loader yielding (images uint8 B x 3 x S x S, labels int64 B x S x S) on the device, S = size.
+
+    "synthetic": load_dataset's built-in split, generated at `size`, with make_synthetic's part
+    masks; a folder: one of the DENSE_LAYOUTS, read by SegmentationPairs (resize, centre square).
+    """
+    if data == "synthetic":
+        n_train, n_val = synthetic_size, max(synthetic_size // 5, 10)  # as load_dataset
+        images, _, masks = make_synthetic(n_train + n_val, size, seed=12345, with_masks=True)
+        part = slice(0, n_train) if split == "train" else slice(n_train, None)
+        loader = TensorLoader(images[part].to(dist.device), masks[part].to(dist.device),
+                              batch_per_rank, dist.rank, dist.world_size, seed, shuffle, drop_last)
+    else:
+        dataset = SegmentationPairs(segmentation_pairs(data, split), size)
+        loader = FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, seed,
+                              dist.device, workers, shuffle, drop_last)
+    if len(loader) == 0:
+        raise InputError(f"--data {data} ({split}): fewer images than one batch of "
+                         f"{batch_per_rank} per rank x {dist.world_size} ranks")
+    return loader
+
+
+def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_LABEL):
+    """num_classes x num_classes pixel counts, rows = ground-truth class, columns = predicted class
+    (an unsupervised segmenter's: cluster). Pixels labelled ignore_index are left out."""
+    keep = target != ignore_index
+    index = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def mean_iou(matched, present):
+    """mIoU of a square class x class matrix (rows ground truth, columns prediction): per class
+    IoU = tp / (row + column - tp), 0 where that union is empty; mean over the `present` classes."""
+    true_pos = matched.diag()
+    union = matched.sum(0) + matched.sum(1) - true_pos
+    return (true_pos / union.clamp(min=1))[present].mean().item()
+
+
+def segmentation_iou(confusion):
+    """Scores of a class x class confusion matrix summed over every val pixel (rows ground truth,
+    columns the predicted class): IoU_c = TP / (TP + FP + FN) = C[c, c] / (row c + col c - C[c, c]).
+
+    mIoU averages IoU_c over the classes present in the labels or the predictions (union > 0): a
+    class predicted but in no label counts with IoU 0, a class in neither is left out (the nanmean
+    of mmsegmentation; on Pascal VOC val every class is present, so it is the devkit's mean).
+    Returns dict(miou, iou: per class, NaN where absent, pixel_acc), fractions in [0, 1].
+    """
+    confusion = confusion.double().cpu()
+    true_pos = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_pos
+    present = union > 0
+    iou = torch.where(present, true_pos / union.clamp(min=1), torch.full_like(true_pos, math.nan))
+    return dict(miou=mean_iou(confusion, present), iou=iou.tolist(),
+                pixel_acc=(true_pos.sum() / confusion.sum().clamp(min=1)).item())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

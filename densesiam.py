@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import common
-from common import InputError, augment, crop_resize, global_pool, lr_at, print0
+from common import (InputError, augment, confusion_matrix, crop_resize, global_pool, lr_at,
+                    mean_iou, print0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -653,52 +654,20 @@ def make_synthetic_segmentation(num_images, image_size=64, seed=0, num_things=3,
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-class SegFolder(torch.utils.data.Dataset):
+class SegFolder(common.SegmentationPairs):
     """COCO-Stuff-27 style folder: <root>/images/<split>/NAME.jpg|png and <root>/labels/<split>/NAME.png.
 
     Labels are single-channel PNGs holding class ids 0..N-1 (27-class curated COCO-Stuff: things 0-11, stuff
     12-26) and 255 for unlabelled pixels. NOTE: the released code reads the raw COCO-Stuff maps and the PiCIE
     curated image lists and maps the 182 fine labels to 27 on the fly; we expect that mapping done once, offline.
     Items: (image uint8 3 x L x L, label int64 L x L), shorter side resized to L (labels: nearest) and centre-cropped.
+    Read by common.SegmentationPairs (eval_linear.py --dense reads this layout too).
     """
 
-    EXTENSIONS = (".jpg", ".jpeg", ".png")
-
     def __init__(self, root, split, size):
-        image_dir, label_dir = Path(root) / "images" / split, Path(root) / "labels" / split
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise InputError(f"--data {root}: expected folder {folder} (layout: images/<split>/, labels/<split>/)")
-        self.items = [(path, label_dir / (path.stem + ".png")) for path in sorted(image_dir.iterdir())
-                      if path.suffix.lower() in self.EXTENSIONS]
-        if not self.items:
-            raise InputError(f"--data {root}: no images in {image_dir}")
-        missing = [str(label) for _, label in self.items if not label.is_file()]
-        if missing:
-            raise InputError(f"--data {root}: {len(missing)} images have no label PNG, e.g. {missing[0]}")
-        self.size = size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        from PIL import Image, UnidentifiedImageError
-        import torchvision.transforms.v2.functional as TF
-        from torchvision.transforms import InterpolationMode
-
-        image_path, label_path = self.items[index]
-        try:
-            with Image.open(image_path) as image:
-                image = TF.pil_to_tensor(image.convert("RGB"))
-            with Image.open(label_path) as label:
-                label = TF.pil_to_tensor(label)[:1]                       # 1 x H x W (mode L or P)
-        except (OSError, UnidentifiedImageError, SyntaxError) as error:
-            raise InputError(f"cannot decode {image_path} or its label: {error}") from None
-        if image.shape[-2:] != label.shape[-2:]:
-            raise InputError(f"{label_path}: size {tuple(label.shape[-2:])} differs from its image {tuple(image.shape[-2:])}")
-        image = TF.center_crop(TF.resize(image, self.size, antialias=True), self.size)
-        label = TF.center_crop(TF.resize(label, self.size, interpolation=InterpolationMode.NEAREST), self.size)
-        return image, label[0].long()
+        root = Path(root)
+        super().__init__(common.paired_files(root / "images" / split, root / "labels" / split, root,
+                                             "images/<split>/, labels/<split>/"), size)
 
 
 def make_seg_loader(cfg, split, batch_per_rank, dist, size, shuffle, drop_last):
@@ -788,21 +757,6 @@ def linear_assignment(cost):
         return torch.tensor(_hungarian_python(cost.tolist()))
     rows, cols = linear_sum_assignment(cost.numpy())
     return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
-
-
-def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """num_classes x num_classes pixel counts, rows = ground-truth class, columns = predicted cluster."""
-    keep = target != ignore_index
-    index = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def mean_iou(matched, present):
-    """mIoU of a square class x class matrix (rows ground truth, columns prediction): per class
-    IoU = tp / (row + column - tp), 0 where that union is empty; mean over the `present` classes."""
-    true_pos = matched.diag()
-    union = matched.sum(0) + matched.sum(1) - true_pos
-    return (true_pos / union.clamp(min=1))[present].mean().item()
 
 
 def segmentation_scores(confusion, thing_classes=()):

@@ -11,6 +11,10 @@ Works for every method file (byol, ladder_byol, dense_byol, densesiam, lewel, mc
              --protocol byol                                # a paper's protocol (see PROTOCOLS)
     python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --stage res2,res3,res4,res5 --view-distance
                                                                          # Ladder paper Fig. 3: two-view distances
+    python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --random-init --dense \
+             --stage res2,res3,res4,res5,pixels --report results.md     # + dense mIoU, one report
+    python eval_linear.py --ckpt runs/mcl/last.pt --dense --data /path/to/VOCdevkit/VOC2012 \
+             --image-size 224 --stage res2,p2,p3,p4,p5                  # MCL's FPN levels, VOC
     python eval_linear.py --ckpt runs/byol/last.pt --export resnet.pth   # torchvision ResNet state_dict
     python eval_linear.py --ckpt runs/mcl/last.pt --export resnet.pth --export-detectron2 mcl_d2.pth --stage ""
                                                                          # + resnet_fpn_head.pth, detectron2 names
@@ -30,6 +34,18 @@ Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below
              milestones scale with the epochs, the lr linearly with the batch). DenseSiam and MCL
              state no linear protocol (they fine-tune detectors and segmenters; see transfer.py).
     none     kNN only.
+    dense    (--dense, besides kNN and the probe when the data has image labels) a per-pixel linear
+             classifier on each frozen feature map (standardised per channel with the train set's
+             mean and std, then a 1x1 conv; logits upsampled bilinearly to the label size),
+             cross-entropy over the labelled pixels (255 = ignore), SGD momentum 0.9, cosine lr
+             per step, no weight decay, no augmentation (the loader's centre square at
+             --image-size), all stages trained together on one forward pass per batch; scored by
+             mIoU on the val split (common.segmentation_iou). No paper's protocol (the papers
+             fine-tune segmenters). Stages: res2..res5, p2..p5 (an MCL checkpoint's FPN) and
+             "pixels" (the normalised input: what colour alone tells a linear classifier).
+             Data: --data synthetic (make_synthetic's part masks: background, bar, disc), or a
+             folder in one of common.DENSE_LAYOUTS (Pascal VOC, <split>/images + <split>/masks,
+             cocostuff.py's output).
     view distance  (--view-distance, instead of kNN and probe) two BYOL views of every val image (seeded: the same
              views for every checkpoint of the same image size and crop scale), frozen backbone in eval mode; the
              euclidean distance between the two views' GAP features per stage: raw (as the paper's Fig. 3), between
@@ -38,7 +54,10 @@ Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below
 
 import copy
 import dataclasses
+import datetime
 import math
+import shlex
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -74,6 +93,13 @@ class Config:
                                       # its FPN and head to <path stem>_fpn_head<suffix> (see fpn_head_weights)
     export_all: bool = False          # also export every other module of the online network into the same file
     export_detectron2: str = ""       # write backbone (+ MCL's FPN, box-head convs) under detectron2 names to this path
+    dense: bool = False               # also a per-pixel linear probe (mIoU) on --data's label maps
+    dense_epochs: int = 10            # epochs of the dense probe
+    dense_lr: float = 0.1             # its peak lr (SGD momentum 0.9, cosine per step, no wd)
+    dense_batch_size: int = 64        # its global batch
+    dense_classes: int = 0            # 0 = from the data (built in 3, VOC 21, else max label + 1)
+    report: str = ""                  # write every metric as Markdown tables to this file (+ PNG
+                                      # charts beside it when matplotlib is installed)
     device: str = ""
 
 
@@ -580,10 +606,238 @@ def view_distance_stats(view1, view2):
                 view_ratio=raw.mean().item() / max(different.mean().item(), 1e-12))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Dense linear probe (--dense): a per-pixel linear classifier on each frozen feature map, mIoU
+# ---------------------------------------------------------------------------------------------------------------------
+
+FPN_LEVELS = ("p2", "p3", "p4", "p5")
+DENSE_ONLY_STAGES = ("pixels", *FPN_LEVELS)  # probed by --dense only: the input, MCL's FPN levels
+
+
+def conv_norm(in_dim, out_dim, kernel_size):
+    """Conv (no bias) + BatchNorm, named as an MCL checkpoint's fpn.* keys (conv, norm)."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2, bias=False),
+        norm=nn.BatchNorm2d(out_dim)))
+
+
+class CheckpointFPN(nn.Module):
+    """MCL's FPN (mcl.py, class FPN) rebuilt from a checkpoint's fpn.* tensors, its levels and
+    widths read from their names and shapes: this file reads P2..P5 without importing mcl.py.
+
+    P_k = output_k(top_k), top_k = lateral_k(res_k) + nearest_upsample(top_(k+1)); lateral = 1x1
+    conv + BN, output = 3x3 conv + BN, no activation. Keys (without the fpn. prefix):
+    lateral.pK.conv.weight, lateral.pK.norm.*, output.pK.conv.weight, output.pK.norm.*, so
+    load_state_dict (strict) checks every one.
+    """
+
+    def __init__(self, weights):
+        super().__init__()
+        self.levels = tuple(sorted({key.split(".")[1] for key in weights
+                                    if key.startswith("lateral.")}))
+        self.lateral, self.output = nn.ModuleDict(), nn.ModuleDict()
+        for level in self.levels:
+            for modules, kind in ((self.lateral, "lateral"), (self.output, "output")):
+                out_dim, in_dim, kernel_size, _ = weights[f"{kind}.{level}.conv.weight"].shape
+                modules[level] = conv_norm(in_dim, out_dim, kernel_size)
+
+    def forward(self, maps):
+        """{"res2": B x C2 x H/4 x W/4, ...} -> {"p2": B x dim x H/4 x W/4, ..., "p5": ...}."""
+        outputs, top_down = {}, None
+        for level in reversed(self.levels):                                  # p5 first
+            lateral = self.lateral[level](maps[f"res{level[1:]}"])
+            if top_down is not None:
+                lateral = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            top_down = lateral
+            outputs[level] = self.output[level](top_down)
+        return outputs
+
+
+def load_pyramid(state, random_init=False):
+    """The CheckpointFPN of a checkpoint holding MCL's FPN (None otherwise); its weights loaded
+    unless random_init (then PyTorch's default init, as mcl.FPN's)."""
+    weights = {key[len("fpn."):]: value for key, value in fpn_head_weights(state["model"]).items()
+               if key.startswith("fpn.")}
+    if not weights:
+        return None
+    pyramid = CheckpointFPN(weights)
+    if not random_init:
+        pyramid.load_state_dict(weights)
+    return pyramid
+
+
+def dense_feature_maps(backbone, pyramid, x, stages, autocast_dtype=None):
+    """{stage: B x C x h x w float32} of the frozen network on a normalised batch x, no gradient:
+    res2..res5 of the backbone, p2..p5 of MCL's FPN (pyramid), "pixels" = x itself."""
+    levels = [stage for stage in stages if stage in FPN_LEVELS]
+    trunk = [stage for stage in stages if stage in STAGE_NAMES]
+    last_stage = "res5" if levels else max(trunk, key=STAGE_NAMES.index, default=None)
+    maps = {"pixels": x}
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                         enabled=autocast_dtype is not None):
+        if last_stage is not None:
+            maps.update(backbone(x, last_stage=last_stage))
+        if levels:
+            maps.update(pyramid(maps))
+    return {stage: maps[stage].float() for stage in stages}
+
+
+def check_label_range(labels, num_classes):
+    """One line when a label map holds a class the probe has no output for (255 = ignore)."""
+    outside = ((labels < 0) | (labels >= num_classes)) & (labels != common.IGNORE_LABEL)
+    if outside.any():
+        raise InputError(f"a label map holds class {int(labels[outside].max())}, but the dense "
+                         f"probe has {num_classes} classes (--dense-classes)")
+
+
+@torch.no_grad()
+def channel_stats(backbone, pyramid, loader, stages, image_size, dist, autocast_dtype=None,
+                  memory_format=torch.contiguous_format):
+    """Per-channel mean and std of every probed map over all train pixels and ranks:
+    {stage: (mean 1 x C x 1 x 1, std 1 x C x 1 x 1)}."""
+    moments = {}                                           # {stage: 3 x C: count, sum, sum^2}
+    for images, _ in common.progress(loader, dist.is_main, desc="dense statistics", leave=False):
+        x = common.eval_transform(images, image_size).contiguous(memory_format=memory_format)
+        maps = dense_feature_maps(backbone, pyramid, x, stages, autocast_dtype)
+        for stage, feature in maps.items():
+            feature = feature.double().transpose(0, 1).flatten(1)                    # C x pixels
+            count = torch.full_like(feature[:, 0], feature.shape[1])
+            batch = torch.stack([count, feature.sum(dim=1), feature.square().sum(dim=1)])
+            moments[stage] = moments.get(stage, 0) + batch
+    stats = {}
+    for stage, summed in moments.items():
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(summed)
+        count, total, squares = summed
+        mean = total / count
+        std = (squares / count - mean.square()).clamp(min=0).sqrt() + 1e-6
+        stats[stage] = (mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1))
+    return stats
+
+
+class DenseHeads(nn.Module):
+    """One per-pixel linear classifier (a 1x1 conv, N(0, 0.01) init, bias 0) per probed map, on the
+    features standardised with the train set's per-channel mean and std (fixed, as the fast probe).
+
+    The logits are upsampled bilinearly to the label size: the same as classifying the upsampled
+    feature map (a 1x1 conv and a bilinear interpolation, whose weights sum to 1, commute), at
+    classes / C of the cost.
+    """
+
+    def __init__(self, stats, num_classes, generator):
+        super().__init__()
+        self.stats = stats                                  # {stage: (mean, std)}, not trained
+        self.convs = nn.ModuleDict()
+        for stage, (mean, _) in stats.items():
+            conv = nn.Conv2d(mean.shape[1], num_classes, 1)
+            nn.init.normal_(conv.weight, std=0.01, generator=generator)
+            nn.init.zeros_(conv.bias)
+            self.convs[stage] = conv
+
+    def forward(self, maps, size):
+        """{stage: B x C x h x w} -> {stage: B x classes x size}."""
+        logits = {}
+        for stage, conv in self.convs.items():
+            mean, std = self.stats[stage]
+            logits[stage] = F.interpolate(conv((maps[stage] - mean) / std), size=size,
+                                          mode="bilinear", align_corners=False)
+        return logits
+
+
+def pixel_cross_entropy(logits, labels):
+    """Mean cross-entropy over the labelled pixels (255 = ignore); 0, not NaN, when none is."""
+    total = F.cross_entropy(logits, labels, ignore_index=common.IGNORE_LABEL, reduction="sum")
+    return total / (labels != common.IGNORE_LABEL).sum().clamp(min=1)
+
+
+def train_dense_probe(backbone, pyramid, stages, train_loader, val_loader, num_classes, image_size,
+                      dist, epochs, lr, seed, autocast_dtype=None,
+                      memory_format=torch.contiguous_format):
+    """Train one per-pixel linear classifier per stage on the frozen network (eval mode), all on one
+    forward pass per batch: SGD momentum 0.9, lr cosine per step from `lr` to 0, no weight decay.
+    Then score each on val_loader: {stage: common.segmentation_iou dict}."""
+    backbone.eval()
+    if pyramid is not None:
+        pyramid.eval()
+    stats = channel_stats(backbone, pyramid, train_loader, stages, image_size, dist, autocast_dtype,
+                          memory_format)
+    heads = DenseHeads(stats, num_classes, torch.Generator().manual_seed(seed)).to(dist.device)
+    classifier = torch.nn.parallel.DistributedDataParallel(heads) if dist.world_size > 1 else heads
+    optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=0.9)
+    steps_per_epoch = len(train_loader)
+    total_steps = epochs * steps_per_epoch
+    for epoch in range(epochs):
+        train_loader.set_epoch(epoch)
+        batches = common.progress(train_loader, dist.is_main, leave=False,
+                                  desc=f"dense probe epoch {epoch + 1}/{epochs}")
+        for index, (images, labels) in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = common.lr_at(epoch * steps_per_epoch + index, total_steps, 0, lr)
+            check_label_range(labels, num_classes)
+            x = common.eval_transform(images, image_size).contiguous(memory_format=memory_format)
+            maps = dense_feature_maps(backbone, pyramid, x, stages, autocast_dtype)
+            logits = classifier(maps, labels.shape[-2:])
+            loss = sum(pixel_cross_entropy(logit, labels) for logit in logits.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return dense_scores(backbone, pyramid, heads, val_loader, stages, num_classes, image_size, dist,
+                        autocast_dtype, memory_format)
+
+
+@torch.no_grad()
+def dense_scores(backbone, pyramid, heads, loader, stages, num_classes, image_size, dist,
+                 autocast_dtype=None, memory_format=torch.contiguous_format):
+    """argmax of each classifier at the label size; one confusion matrix per stage over every val
+    pixel and rank: {stage: common.segmentation_iou dict (miou, iou per class, pixel_acc)}."""
+    confusion = {stage: torch.zeros(num_classes, num_classes, dtype=torch.long, device=dist.device)
+                 for stage in stages}
+    for images, labels in loader:
+        check_label_range(labels, num_classes)
+        x = common.eval_transform(images, image_size).contiguous(memory_format=memory_format)
+        logits = heads(dense_feature_maps(backbone, pyramid, x, stages, autocast_dtype),
+                       labels.shape[-2:])
+        for stage in stages:
+            prediction = logits[stage].argmax(dim=1)
+            confusion[stage] += common.confusion_matrix(prediction, labels, num_classes)
+    if dist.world_size > 1:
+        for matrix in confusion.values():
+            torch.distributed.all_reduce(matrix)
+    return {stage: common.segmentation_iou(matrix) for stage, matrix in confusion.items()}
+
+
+def dense_stages_of(label, stages, pyramid):
+    """The requested stages this checkpoint can probe (p2..p5 need its FPN); a line for the rest."""
+    available = [stage for stage in stages if stage not in FPN_LEVELS
+                 or (pyramid is not None and stage in pyramid.levels)]
+    skipped = [stage for stage in stages if stage not in available]
+    if skipped:
+        print0(f"{label}: no FPN level {', '.join(skipped)} in the checkpoint (MCL's fpn.* "
+               f"weights): not probed")
+    return available
+
+
+def image_labelled(data):
+    """True when --data has image labels for kNN and the linear probe (not a set of label maps)."""
+    return common.has_labels(data) and common.dense_layout(data) in (None, "synthetic")
+
+
 def evaluate(cfg, dist):
     autocast_dtype, memory_format = common.cuda_setup(dist)
+    allowed = STAGE_NAMES + (DENSE_ONLY_STAGES if cfg.dense else ())
     for stage in cfg.stage:
-        common.check(stage in STAGE_NAMES, f"--stage {stage!r} is not one of {', '.join(STAGE_NAMES)}")
+        dense_only = "" if cfg.dense else f" ({', '.join(DENSE_ONLY_STAGES)}: with --dense)"
+        common.check(stage in allowed,
+                     f"--stage {stage!r} is not one of {', '.join(allowed)}{dense_only}")
+    common.check(not (cfg.dense and cfg.view_distance),
+                 "--dense and --view-distance are separate runs: give one")
+    if cfg.dense:
+        common.check(cfg.dense_epochs > 0 and cfg.dense_lr > 0 and cfg.dense_classes >= 0,
+                     "--dense-epochs and --dense-lr must be positive, --dense-classes >= 0")
+        common.check(cfg.dense_batch_size > 0 and cfg.dense_batch_size % dist.world_size == 0,
+                     f"--dense-batch-size {cfg.dense_batch_size} must be positive and divisible "
+                     f"by the world size {dist.world_size}")
+        print0(f"dense probe: {describe_dense(cfg)}")
     common.check(cfg.protocol in (*PROTOCOLS, "none"),
                  f"--protocol must be one of {', '.join(PROTOCOLS)} or none, got {cfg.protocol!r}")
     protocol = resolve_protocol(cfg) if cfg.protocol != "none" else None
@@ -598,7 +852,7 @@ def evaluate(cfg, dist):
                  f"--batch-size {cfg.batch_size} must be positive and divisible by the world size {dist.world_size}")
     common.check(0 <= cfg.view_crop_min_scale <= 1,
                  f"--view-crop-min-scale must be in [0, 1], got {cfg.view_crop_min_scale}")
-    rows = {}
+    rows, dense_sets = {}, {}
     # --random-init adds a baseline row: the first checkpoint's architecture and data, seeded initial weights.
     entries = ([(cfg.ckpt[0], True)] if cfg.random_init else []) + [(path, False) for path in cfg.ckpt]
     for path, random_init in entries:
@@ -616,10 +870,18 @@ def evaluate(cfg, dist):
         load_size = image_size * 256 // 224 if folder else image_size
         backbone = backbone.to(dist.device, memory_format=memory_format)
         per_rank = max(cfg.batch_size // dist.world_size, 1)
-        val = common.make_loader(data, "val", image_size, per_rank, dist, cfg.seed, cfg.workers, shuffle=False,
-                                 drop_last=False, synthetic_size=synthetic_size, load_size=load_size)
         label = f"{path}{' (random init)' if random_init else ''}"
         rows[label] = {}
+        image_stages = [stage for stage in cfg.stage if stage in STAGE_NAMES]
+        # kNN and the linear probe: on res2..res5, when the data has image labels
+        image_level = bool(image_stages) and (not cfg.dense or image_labelled(data))
+        if cfg.dense and image_stages and not image_level:
+            print0(f"{label}: --data {data} holds label maps, no image labels: no kNN or linear "
+                   f"probe")
+        if cfg.view_distance or image_level:
+            val = common.make_loader(data, "val", image_size, per_rank, dist, cfg.seed, cfg.workers,
+                                     shuffle=False, drop_last=False, synthetic_size=synthetic_size,
+                                     load_size=load_size)
         if cfg.view_distance:
             # NOTE: the pretraining's BYOL view pair and crop scale (the paper: "two random data-augmented views");
             # a checkpoint without crop_min_scale (densesiam: SimSiam crops 0.2-1) gets BYOL's 0.08.
@@ -635,9 +897,11 @@ def evaluate(cfg, dist):
                        f"{format_cell(result['view_normalised'])}, ratio to different images "
                        f"{format_cell(result['view_ratio'])}")
             continue
-        bank = common.make_loader(data, "train", image_size, per_rank, dist, cfg.seed, cfg.workers, shuffle=False,
-                                  drop_last=False, synthetic_size=synthetic_size, load_size=load_size)
-        for stage in cfg.stage:
+        if image_level:
+            bank = common.make_loader(data, "train", image_size, per_rank, dist, cfg.seed,
+                                      cfg.workers, shuffle=False, drop_last=False,
+                                      synthetic_size=synthetic_size, load_size=load_size)
+        for stage in image_stages if image_level else ():
             train_x, train_y = common.extract_features(backbone, bank, image_size, stage, autocast_dtype, memory_format,
                                                        show_progress=True)
             val_x, val_y = common.extract_features(backbone, val, image_size, stage, autocast_dtype, memory_format,
@@ -662,12 +926,47 @@ def evaluate(cfg, dist):
                    + (f", linear top-1 {result['linear']:.2f}%" if "linear" in result else "")
                    + (f" (top-5 {result['linear_top5']:.2f}%, lr {result['linear_lr']:g})"
                       if "linear_top5" in result else ""))
+        if cfg.dense:
+            pyramid = load_pyramid(state, random_init)
+            if pyramid is not None:
+                pyramid = pyramid.to(dist.device, memory_format=memory_format)
+            stages = dense_stages_of(label, cfg.stage, pyramid)
+            key = (data, image_size, synthetic_size)
+            if key not in dense_sets:  # classes, train and val loaders, shared by the rows
+                dense_batch = cfg.dense_batch_size // dist.world_size
+                dense_sets[key] = (
+                    cfg.dense_classes or common.dense_num_classes(data),
+                    common.make_dense_loader(data, "train", image_size, dense_batch, dist, cfg.seed,
+                                             cfg.workers, synthetic_size=synthetic_size),
+                    common.make_dense_loader(data, "val", image_size, per_rank, dist, cfg.seed,
+                                             cfg.workers, shuffle=False, drop_last=False,
+                                             synthetic_size=synthetic_size))
+            num_classes, dense_train, dense_val = dense_sets[key]
+            scores = train_dense_probe(backbone, pyramid, stages, dense_train, dense_val,
+                                       num_classes, image_size, dist, cfg.dense_epochs,
+                                       cfg.dense_lr, cfg.seed, autocast_dtype,
+                                       memory_format) if stages else {}
+            names = class_names(data, num_classes)
+            for stage, score in scores.items():
+                result = rows[label].setdefault(stage, {})
+                result.update(dense_miou=100 * score["miou"],
+                              dense_pixel_acc=100 * score["pixel_acc"],
+                              dense_iou=dict(zip(names, (100 * iou for iou in score["iou"]))))
+                per_class = ", ".join(f"{name} {iou:.1f}"
+                                      for name, iou in result["dense_iou"].items())
+                print0(f"{label} {stage}: dense mIoU {result['dense_miou']:.2f}%, pixel accuracy "
+                       f"{result['dense_pixel_acc']:.2f}%; IoU per class (%): {per_class}")
     print_table(rows, cfg.stage)
+    if cfg.report and dist.is_main:
+        write_report(cfg, rows, protocol, dist)
     return rows
 
 
 METRICS = (("knn", "knn top-1 (%)"),
            ("linear", "linear top-1 (%)"),
+           ("linear_top5", "linear top-5 (%)"),
+           ("dense_miou", "dense mIoU (%), per-pixel linear probe"),
+           ("dense_pixel_acc", "dense pixel accuracy (%), per-pixel linear probe"),
            ("view_raw", "two-view distance, raw GAP features (mean / p25-p75)"),
            ("view_normalised", "two-view distance, l2-normalised GAP features, range 0-2 (mean / p25-p75)"),
            ("view_ratio", "two-view distance / distance between different images (raw GAP features)"))
@@ -682,20 +981,145 @@ def format_cell(value):
     return f"{value:.2f}"
 
 
+def table_cells(rows, stages, metric):
+    """One metric's table: (the stages some row has it for, {row label: [cell text per stage]}),
+    "-" where a row lacks it (e.g. kNN of "pixels", p2 of a checkpoint without an FPN)."""
+    columns = [stage for stage in stages
+               if any(metric in row.get(stage, {}) for row in rows.values())]
+    cells = {label: [format_cell(row[stage][metric]) if metric in row.get(stage, {}) else "-"
+                     for stage in columns]
+             for label, row in rows.items()}
+    return columns, cells
+
+
 def print_table(rows, stages):
     """Rows = checkpoints, columns = stages (the Ladder paper's Table 7 layout), one block per metric."""
     if not rows:
         return
     width = max(len(label) for label in list(rows) + ["checkpoint"]) + 2
     for metric, title in METRICS:
-        if not any(metric in cell for row in rows.values() for cell in row.values()):
+        columns, cells = table_cells(rows, stages, metric)
+        if not columns:
             continue
-        cells = {label: [format_cell(row[stage][metric]) for stage in stages] for label, row in rows.items()}
-        column = max(len(text) for text in [*stages, *(text for line in cells.values() for text in line)]) + 2
+        texts = [*columns, *(text for line in cells.values() for text in line)]
+        column = max(len(text) for text in texts) + 2
         print0(f"\n{title}")
-        print0("checkpoint".ljust(width) + "".join(stage.rjust(column) for stage in stages))
+        print0("checkpoint".ljust(width) + "".join(stage.rjust(column) for stage in columns))
         for label, line in cells.items():
             print0(label.ljust(width) + "".join(text.rjust(column) for text in line))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --report: every metric as Markdown tables, bar charts when matplotlib is installed
+# ---------------------------------------------------------------------------------------------------------------------
+
+def describe_dense(cfg):
+    """One line: the dense probe's classifier and optimisation."""
+    return (f"per-pixel linear classifier (1x1 conv on features standardised per channel, "
+            f"logits upsampled bilinearly to the label size), SGD momentum 0.9, batch "
+            f"{cfg.dense_batch_size}, {cfg.dense_epochs} epochs, lr {cfg.dense_lr:g} cosine per "
+            f"step, no weight decay (this repo's probe, no paper's protocol)")
+
+
+def class_names(data, num_classes):
+    """Names of a dense set's classes: the built-in parts, Pascal VOC's classes, else the ids."""
+    known = {"synthetic": common.SYNTHETIC_PARTS, "voc": common.VOC_CLASS_NAMES}
+    names = known.get(common.dense_layout(data), ())
+    return [names[index] if index < len(names) else str(index) for index in range(num_classes)]
+
+
+def command_line(cfg):
+    """The command that reruns this evaluation: each field that differs from its default, a flag."""
+    parts = ["python eval_linear.py"]
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts.append(f"{flag} {shlex.quote(text)}")
+    return " ".join(parts)
+
+
+def markdown_row(cells):
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def chart_value(value):
+    """A cell's bar height: a distance summary's mean; NaN (no bar) where the row lacks it."""
+    if value is None:
+        return math.nan
+    return value["mean"] if isinstance(value, dict) else value
+
+
+def write_charts(rows, stages, path):
+    """A grouped bar chart per metric (x: stages, one bar per checkpoint), a PNG beside the report
+    named <report stem>_<metric>.png: {metric: path}. matplotlib is an optional extra, imported
+    here: without it, one printed line and no charts."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    except ImportError:
+        print0("matplotlib is not installed: the report has no charts (pip install matplotlib)")
+        return {}
+    charts = {}
+    for metric, title in METRICS:
+        columns, _ = table_cells(rows, stages, metric)
+        if not columns:
+            continue
+        figure = Figure(figsize=(2 + 1.2 * len(columns), 3.5))
+        axes = figure.add_subplot()
+        width = 0.8 / len(rows)
+        for index, (label, row) in enumerate(rows.items()):
+            shift = (index - (len(rows) - 1) / 2) * width
+            heights = [chart_value(row.get(stage, {}).get(metric)) for stage in columns]
+            positions = [column + shift for column in range(len(columns))]
+            axes.bar(positions, heights, width, label=label)
+        axes.set_xticks(range(len(columns)), columns)
+        axes.set_title(title, fontsize="medium")
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        charts[metric] = companion_path(path, metric).with_suffix(".png")
+        figure.savefig(charts[metric], dpi=120, bbox_inches="tight")
+    return charts
+
+
+def write_report(cfg, rows, protocol, dist):
+    """--report: the command, then every metric of the run as a Markdown table (rows = checkpoints,
+    columns = stages, the cells as print_table prints them), the dense probe's IoU per class, and
+    a chart per metric."""
+    path = Path(cfg.report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    charts = write_charts(rows, cfg.stage, path)
+    lines = ["# eval_linear.py report", "", f"    {command_line(cfg)}", "",
+             f"{datetime.date.today()}, torch {torch.__version__}, device {dist.device}, "
+             f"world size {dist.world_size}."]
+    if protocol is not None and not cfg.view_distance:
+        lines.append(f"Linear probe: {describe_protocol(cfg.protocol, protocol)}.")
+    if cfg.dense:
+        lines.append(f"Dense probe: {describe_dense(cfg)}.")
+    for metric, title in METRICS:
+        columns, cells = table_cells(rows, cfg.stage, metric)
+        if not columns:
+            continue
+        lines += ["", f"## {title}", "", markdown_row(["checkpoint", *columns]),
+                  markdown_row(["---", *["---:"] * len(columns)])]
+        lines += [markdown_row([label, *line]) for label, line in cells.items()]
+        if metric in charts:
+            lines += ["", f"![{title}]({charts[metric].name})"]
+    per_class = [(label, stage, row[stage]["dense_iou"]) for label, row in rows.items()
+                 for stage in cfg.stage if "dense_iou" in row.get(stage, {})]
+    if per_class:
+        names = list(per_class[0][2])
+        lines += ["", "## dense IoU per class (%; -: in neither labels nor predictions)", "",
+                  markdown_row(["checkpoint", "stage", *names]),
+                  markdown_row(["---", "---", *["---:"] * len(names)])]
+        for label, stage, ious in per_class:
+            texts = ["-" if math.isnan(iou) else f"{iou:.2f}" for iou in ious.values()]
+            lines.append(markdown_row([label, stage, *texts]))
+    path.write_text("\n".join(lines) + "\n")
+    print0(f"report: {path}" + (f" (+ {len(charts)} charts beside it)" if charts else ""))
 
 
 def main(argv=None):
