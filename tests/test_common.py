@@ -1,4 +1,6 @@
-"""Shared parts: BYOL loss, schedules, LARS, EMA, kNN (methods.md §8 B1-B5, K1), augmentation, config, checkpoints."""
+"""Shared parts: BYOL loss, schedules, LARS, EMA, kNN, augmentation, config, checkpoints.
+
+B1-B5 and K1 below name the cross-checks against the official functions (DeepMind byol/, InstDisc kNN)."""
 
 import colorsys
 import dataclasses
