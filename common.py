@@ -156,10 +156,11 @@ def check_common_config(cfg, world_size):
     check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
     check(cfg.batch_size % world_size == 0,
           f"--batch-size {cfg.batch_size} (global) is not divisible by the world size {world_size}")
-    # BatchNorm in training mode needs 2 values per channel; the projector's BN1d sees one per image.
+    # BatchNorm in training mode needs 2 values per channel; the projector's BN1d sees 1 per image.
     check(cfg.batch_size // world_size >= 2,
-          f"--batch-size {cfg.batch_size} leaves 1 image per process ({world_size} process(es)); BatchNorm "
-          f"needs at least 2 per process to train: use --batch-size {2 * world_size} or more")
+          f"--batch-size {cfg.batch_size} leaves 1 image per process ({world_size} process(es)); "
+          f"BatchNorm needs at least 2 per process to train: use --batch-size {2 * world_size} "
+          f"or more")
     check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     check(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
@@ -188,9 +189,9 @@ _STORE = None  # this restart round's key-value store, once the process group ex
 
 
 def collective_timeout():
-    """Seconds a collective waits for the slowest rank before this rank gives up: $SSL_COLLECTIVE_TIMEOUT, default
-    600 (NCCL's default; gloo's is 1800). What one rank does alone while the others wait (rank 0 writing a
-    checkpoint, a first torch.compile) must fit in it."""
+    """Seconds a collective waits for the slowest rank before this rank gives up:
+    $SSL_COLLECTIVE_TIMEOUT, default 600 (NCCL's default; gloo's is 1800). What one rank does alone
+    while the others wait (rank 0 writing a checkpoint, a first torch.compile) must fit in it."""
     text = os.environ.get("SSL_COLLECTIVE_TIMEOUT", "600")
     try:
         seconds = float(text)
@@ -201,27 +202,30 @@ def collective_timeout():
 
 
 def _restart_round_store(rank, world_size):
-    """torchrun's key-value store at MASTER_ADDR:MASTER_PORT, with every key prefixed by the restart round.
+    """torchrun's key-value store (MASTER_ADDR:MASTER_PORT), keys prefixed by the restart round.
 
-    NOTE: torchrun keeps one store for the whole job (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py,
-    `_shared_tcp_store_server`) and its workers join it with no per-restart prefix (torch/distributed/rendezvous.py,
-    `_create_c10d_store`). After a --max-restarts restart the store still holds the dead workers' gloo addresses
-    under the keys the new workers use, and a new worker that reads one before its peer overwrites it dies in
-    connectFullMesh ("connection refused"). A prefix per TORCHELASTIC_RESTART_COUNT keeps the rounds apart.
+    NOTE: torchrun keeps one store for the whole job (`_shared_tcp_store_server` in
+    torch/distributed/elastic/rendezvous/dynamic_rendezvous.py) and its workers join it with no
+    per-restart prefix (`_create_c10d_store` in torch/distributed/rendezvous.py). After a
+    --max-restarts restart the store still holds the dead workers' gloo addresses under the keys the
+    new workers use, and a new worker that reads one before its peer overwrites it dies in
+    connectFullMesh ("connection refused"). A prefix per TORCHELASTIC_RESTART_COUNT keeps the
+    rounds apart.
     """
     if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-        raise InputError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT: launch with torchrun")
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # otherwise rank 0 hosts it
-    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                is_master=rank == 0 and not agent_hosts_it)
-    return torch_dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        raise InputError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT: "
+                         f"launch with torchrun")
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 does
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                world_size, is_master=rank == 0 and not agent_hosts_it)
+    restart_round = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch_dist.PrefixStore(f"restart_{restart_round}", store)
 
 
 def setup_distributed(device=None):
-    """Read the torchrun environment, pick the device, init the process group (nccl on CUDA, gloo on CPU).
-
-    Collectives give up after collective_timeout() seconds (cleanup_distributed then names the missing ranks).
-    """
+    """Read the torchrun environment, pick the device, init the process group (nccl on CUDA, gloo
+    on CPU). Collectives give up after collective_timeout() seconds (cleanup_distributed then names
+    the ranks that never came)."""
     global _DIST, _STORE
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -235,8 +239,9 @@ def setup_distributed(device=None):
     if world_size > 1 and not torch_dist.is_initialized():
         timeout = datetime.timedelta(seconds=collective_timeout())
         _STORE = _restart_round_store(rank, world_size)
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_STORE, rank=rank,
-                                      world_size=world_size, timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=_STORE, rank=rank, world_size=world_size,
+                                      timeout=timeout)
     _DIST = Dist(rank, local_rank, world_size, device)
     return _DIST
 
@@ -244,10 +249,11 @@ def setup_distributed(device=None):
 def cleanup_distributed():
     """Destroy the process group. Every main() calls this in its `finally`.
 
-    When main() is leaving because a collective timed out (gloo: "Timed out waiting ..."), this rank first finds
-    out which ranks never reached that collective and ends the run with one line naming them (exit code 4).
-    NOTE: on CUDA, NCCL's watchdog ends a timed-out process by default (TORCH_NCCL_ASYNC_ERROR_HANDLING), with its
-    own message, before this runs.
+    When main() is leaving because a collective timed out (gloo: "Timed out waiting ..."), this rank
+    first finds out which ranks never reached that collective and ends the run with one line naming
+    them (exit code 4).
+    NOTE: on CUDA, NCCL's watchdog ends a timed-out process by default
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING), with its own message, before this runs.
     """
     global _STORE
     error = sys.exc_info()[1]  # the exception main() is leaving with, if any
@@ -261,20 +267,23 @@ def cleanup_distributed():
 
 
 def _collective_timeout_report(grace=3.0):
-    """Every rank that timed out marks itself in the store and waits up to `grace` seconds for the others to do the
-    same: the ranks still unmarked never reached the collective (hung, or far behind)."""
+    """Every rank that timed out marks itself in the store and waits up to `grace` seconds for the
+    others to do the same: the ranks still unmarked never reached the collective (hung, or far
+    behind)."""
     seconds = collective_timeout()
     try:
         _STORE.set(f"timed_out_{_DIST.rank}", "1")
         deadline = time.monotonic() + min(grace, seconds)
         while True:
-            missing = [rank for rank in range(_DIST.world_size) if not _STORE.check([f"timed_out_{rank}"])]
+            missing = [rank for rank in range(_DIST.world_size)
+                       if not _STORE.check([f"timed_out_{rank}"])]
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     except RuntimeError:  # the store went away with the node that hosts it
         missing = None
-    head = f"rank {_DIST.rank}: a collective did not complete within {seconds:g} s (SSL_COLLECTIVE_TIMEOUT)"
+    head = (f"rank {_DIST.rank}: a collective did not complete within {seconds:g} s "
+            f"(SSL_COLLECTIVE_TIMEOUT)")
     if missing is None:
         return f"{head}; the store is unreachable, so which rank hung is unknown: stopping"
     if not missing:
@@ -1217,7 +1226,7 @@ def save_checkpoint(state, path):
         with os.fdopen(handle, "wb") as stream:
             umask = os.umask(0)
             os.umask(umask)
-            os.fchmod(stream.fileno(), 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions
+            os.fchmod(stream.fileno(), 0o666 & ~umask)  # mkstemp made it 0600: the usual mode
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -1296,13 +1305,13 @@ class StopSignal:
         now = time.monotonic()
         if self.first_signal_at is None:
             self.received, self.first_signal_at = signal.Signals(signum).name, now
-            # A rank blocked in a collective (its peer died) never reaches a step boundary: SIGALRM's default
-            # action ends it after a grace period, so a teardown cannot leave it hanging.
+            # A rank blocked in a collective (its peer died) never reaches a step boundary:
+            # SIGALRM's default action ends it after a grace period, so no teardown hangs on it.
             signal.alarm(120)
         elif now - self.first_signal_at > 5:
             os._exit(128 + signum)  # asked again, later: stop now, without a checkpoint
-        # A repeat within 5 s is the same request: Ctrl-C and schedulers signal every process, and torchrun
-        # then passes its own copy on to the workers.
+        # A repeat within 5 s is the same request: Ctrl-C and schedulers signal every process,
+        # and torchrun then passes its own copy on to the workers.
 
     def agreed(self):
         """True on every rank when any rank got a signal (ranks must stop at the same step or DDP hangs)."""
