@@ -872,6 +872,9 @@ def evaluate(cfg, dist):
         per_rank = max(cfg.batch_size // dist.world_size, 1)
         label = f"{path}{' (random init)' if random_init else ''}"
         rows[label] = {}
+        common.check(not cfg.dense or common.dense_layout(data) is not None,
+                     f"--dense: --data {data} has no per-pixel labels; give 'synthetic' or a folder "
+                     f"laid out as " + "; or ".join(common.DENSE_LAYOUTS.values()))
         image_stages = [stage for stage in cfg.stage if stage in STAGE_NAMES]
         # kNN and the linear probe: on res2..res5, when the data has image labels
         image_level = bool(image_stages) and (not cfg.dense or image_labelled(data))
