@@ -39,13 +39,14 @@ def clone_state(module):
 
 class Recorder:
     """Spies on one training run: per optimiser step, every parameter's lr / weight decay / LARS flag; at the
-    chosen steps, the online and target weights before the step, the gradients, and the online weights after it."""
+    chosen steps, the parts named in `snapshots` ({step: parts}): "online" and "target" (the weights the step's
+    forward used), "grads", "online_after" (after the optimiser step, before the EMA), "extras" (e.g. the queue)."""
 
-    def __init__(self, monkeypatch, method, model_class, snapshot_steps=(), extra_classes=()):
+    def __init__(self, monkeypatch, method, model_class, snapshots=None, extra_classes=()):
         self.lrs, self.snapshots, self.images, self.recipes = [], {}, [], []
         self.model = self.target = None
         self.extras = {}  # class name -> the instance train() made (e.g. LEWEL_M's key queue)
-        self.snapshot_steps = set(snapshot_steps)
+        self.parts = snapshots or {}
         for class_name in (model_class,) + tuple(extra_classes):
             self._spy_class(monkeypatch, method, class_name, is_model=class_name == model_class)
         make_target = common.make_target
@@ -93,16 +94,20 @@ class Recorder:
                                             lars=group.get("lars"), form=group.get("form"),
                                             momentum=group.get("momentum"), kind=type(optimizer).__name__)
                          for group in optimizer.param_groups for p in group["params"]})
-        if step in self.snapshot_steps:
-            self.snapshots[step] = dict(
-                online=clone_state(self.model), target=clone_state(self.target) if self.target is not None else None,
-                grads={name: p.grad.detach().clone() for name, p in self.model.named_parameters()
-                       if p.grad is not None},
-                extras={name: clone_state(module) for name, module in self.extras.items()})
+        parts, snapshot = self.parts.get(step, ()), self.snapshots.setdefault(step, {})
+        if "online" in parts:
+            snapshot["online"] = clone_state(self.model)
+        if "target" in parts:
+            snapshot["target"] = clone_state(self.target)
+        if "grads" in parts:
+            snapshot["grads"] = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()
+                                 if p.grad is not None}
+        if "extras" in parts:
+            snapshot["extras"] = {name: clone_state(module) for name, module in self.extras.items()}
 
     def post_step(self, optimizer, args, kwargs):
         step = len(self.lrs) - 1
-        if step in self.snapshot_steps:
+        if "online_after" in self.parts.get(step, ()):
             self.snapshots[step]["online_after"] = clone_state(self.model)
 
     def run(self, main, argv):
@@ -113,6 +118,31 @@ class Recorder:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def training_run(tmp_path_factory, method, model_class, args, snapshots, extra_classes=(), patch=None):
+    """Run `method`.main(args) once under a Recorder and yield (config, recorder, train()'s result); afterwards drop
+    the recorded tensors (each class of tests holds one run at a time). patch(monkeypatch, recorder): more spies."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        recorder = Recorder(monkeypatch, method, model_class, snapshots, extra_classes)
+        if patch is not None:
+            patch(monkeypatch, recorder)
+        out = tmp_path_factory.mktemp(method.__name__)
+        result = recorder.run(method.main, args + ["--out", str(out)])
+    finally:
+        monkeypatch.undo()
+    cfg = method.parse_config(args) if hasattr(method, "parse_config") else common.parse_config(
+        method.Config, method.PRESETS, args)
+    yield cfg, recorder, result
+    recorder.__dict__.clear()
+    result.clear()
+
+
+# Step 1 is the first with lr > 0 (warmup from 0): its EMA move is checked; step 2 (online and target differ by
+# then) is recomputed by hand. Methods without a target: steps 1 and 2 recomputed.
+EMA_THEN_GRADS = {1: ("target", "online_after"), 2: ("online", "target", "grads")}
+GRADS_ONLY = {1: ("online", "grads"), 2: ("online", "grads")}
 
 
 def cosine_loss(p, z):
@@ -162,44 +192,9 @@ BYOL_ARGS = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16
              "--weight-decay", "0.01", "--knn-every", "0", "--log-every", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def byol_run(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        recorder = Recorder(monkeypatch, byol, "BYOL", snapshot_steps=(1, 2))
-        out = tmp_path_factory.mktemp("byol")
-        result = recorder.run(byol.main, BYOL_ARGS + ["--out", str(out)])
-    finally:
-        monkeypatch.undo()
-    return common.parse_config(byol.Config, {}, BYOL_ARGS), recorder, result
-
-
-def test_byol_lr_schedule_predictor_factor_and_weight_decay_per_parameter(byol_run):
-    """Linear warmup from 0 over 2 steps, then cosine to 0 at step 8; peak = base_lr * batch / 256; the predictor
-    (and only it) at 10x; weight decay and LARS adaptation on weights only."""
-    cfg, recorder, _ = byol_run
-    assert len(recorder.lrs) == 8
-    peak = 8 * 16 / 256
-    for step, per_param in enumerate(recorder.lrs):
-        lr = warmup_cosine(step, 8, 2, peak)
-        for name, group in per_param.items():
-            factor = 10.0 if name.startswith("predictor.") else 1.0
-            assert group["lr"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-12), (step, name)
-            weights = recorder.model.get_parameter(name).ndim > 1
-            assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
-    assert any(name.startswith("predictor.") for name in recorder.lrs[0])
-
-
-def test_byol_target_is_an_ema_of_backbone_and_projector(byol_run):
-    """The target holds exactly the online backbone and projector (no predictor); after step 1 (the first with
-    lr > 0) every target tensor moved to tau_1 * target + (1 - tau_1) * online, tau_1 from the cosine schedule."""
-    cfg, recorder, _ = byol_run
-    online = dict(recorder.model.named_parameters())
-    target_names = [name for name, _ in recorder.target.named_parameters()]
-    assert sorted(target_names) == sorted(n for n in online if n.startswith(("backbone.", "projector.")))
-    before, after = recorder.snapshots[1], recorder.snapshots[2]
-    assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 8, 0.5), target_names)
-    assert all(not param.requires_grad for param in recorder.target.parameters())
+    yield from training_run(tmp_path_factory, byol, "BYOL", BYOL_ARGS, EMA_THEN_GRADS)
 
 
 def byol_reference_grads(cfg, snapshot, images, step):
@@ -221,19 +216,47 @@ def byol_reference_grads(cfg, snapshot, images, step):
     return {name: param.grad for name, param in model.named_parameters()}
 
 
-def test_byol_step_gradients_match_a_hand_written_step(byol_run):
-    """At step 2 (online and target differ by then) the gradients train() hands the optimiser are those of
-    l(q(g(f(v1))), sg g'(f'(v2))) + l(q(g(f(v2))), sg g'(f'(v1))) on this step's two BYOL views: the view pairing,
-    the target network (not the online one) on the target side, each view's own BN batch, fresh gradients."""
-    cfg, recorder, _ = byol_run
-    snapshot = recorder.snapshots[2]
-    expected = byol_reference_grads(cfg, snapshot, recorder.images[2], step=2)
-    assert_grads_match(snapshot["grads"], expected)
+class TestBYOL:
+    """byol.py: the loop every BYOL-family method copies."""
 
+    def test_byol_lr_schedule_predictor_factor_and_weight_decay_per_parameter(self, byol_run):
+        """Linear warmup from 0 over 2 steps, then cosine to 0 at step 8; peak = base_lr * batch / 256; the predictor
+        (and only it) at 10x; weight decay and LARS adaptation on weights only."""
+        cfg, recorder, _ = byol_run
+        assert len(recorder.lrs) == 8
+        peak = 8 * 16 / 256
+        for step, per_param in enumerate(recorder.lrs):
+            lr = warmup_cosine(step, 8, 2, peak)
+            for name, group in per_param.items():
+                factor = 10.0 if name.startswith("predictor.") else 1.0
+                assert group["lr"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-12), (step, name)
+                weights = recorder.model.get_parameter(name).ndim > 1
+                assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
+        assert any(name.startswith("predictor.") for name in recorder.lrs[0])
 
-def test_byol_knn_monitors_the_online_backbone(byol_run):
-    _, recorder, result = byol_run
-    assert recorder.knn_backbones and all(b is result["model"].backbone for b in recorder.knn_backbones)
+    def test_byol_target_is_an_ema_of_backbone_and_projector(self, byol_run):
+        """The target holds exactly the online backbone and projector (no predictor); after step 1 (the first with
+        lr > 0) every target tensor moved to tau_1 * target + (1 - tau_1) * online, tau_1 from the cosine schedule."""
+        cfg, recorder, _ = byol_run
+        online = dict(recorder.model.named_parameters())
+        target_names = [name for name, _ in recorder.target.named_parameters()]
+        assert sorted(target_names) == sorted(n for n in online if n.startswith(("backbone.", "projector.")))
+        before, after = recorder.snapshots[1], recorder.snapshots[2]
+        assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 8, 0.5), target_names)
+        assert all(not param.requires_grad for param in recorder.target.parameters())
+
+    def test_byol_step_gradients_match_a_hand_written_step(self, byol_run):
+        """At step 2 (online and target differ by then) the gradients train() hands the optimiser are those of
+        l(q(g(f(v1))), sg g'(f'(v2))) + l(q(g(f(v2))), sg g'(f'(v1))) on this step's two BYOL views: the view pairing,
+        the target network (not the online one) on the target side, each view's own BN batch, fresh gradients."""
+        cfg, recorder, _ = byol_run
+        snapshot = recorder.snapshots[2]
+        expected = byol_reference_grads(cfg, snapshot, recorder.images[2], step=2)
+        assert_grads_match(snapshot["grads"], expected)
+
+    def test_byol_knn_monitors_the_online_backbone(self, byol_run):
+        _, recorder, result = byol_run
+        assert recorder.knn_backbones and all(b is result["model"].backbone for b in recorder.knn_backbones)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,45 +272,9 @@ LADDER_ARGS = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "
 LADDER_WEIGHTS = {"res2": 1 / 16, "res3": 1 / 8, "res4": 1 / 4, "res5": 1.0}  # Eq. 6 with w = 1/2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def ladder_run(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        recorder = Recorder(monkeypatch, ladder_byol, "LadderBYOL", snapshot_steps=(1, 2))
-        out = tmp_path_factory.mktemp("ladder")
-        result = recorder.run(ladder_byol.main, LADDER_ARGS + ["--out", str(out)])
-    finally:
-        monkeypatch.undo()
-    return common.parse_config(ladder_byol.Config, {}, LADDER_ARGS), recorder, result
-
-
-def test_ladder_lr_every_predictor_at_the_factor(ladder_run):
-    """Every rung's predictor, global and dense, at 10x; projectors and backbone at 1x; warmup then cosine."""
-    _, recorder, _ = ladder_run
-    peak = 32 * 8 / 256
-    predictors = 0
-    for step, per_param in enumerate(recorder.lrs):
-        lr = warmup_cosine(step, 4, 2, peak)
-        for name, group in per_param.items():
-            parts = name.split(".")
-            factor = 10.0 if ("predictor" in parts or "dense_predictor" in parts) else 1.0
-            predictors += factor == 10.0
-            assert group["lr"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-12), (step, name)
-            weights = recorder.model.get_parameter(name).ndim > 1
-            assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
-    assert len(recorder.lrs) == 4 and predictors > 0
-
-
-def test_ladder_target_is_an_ema_of_backbone_and_every_projector(ladder_run):
-    _, recorder, _ = ladder_run
-    online = [name for name, _ in recorder.model.named_parameters()]
-    expected = [n for n in online if n.startswith("backbone.") or n.split(".")[2] in ("projector", "dense_projector")]
-    target_names = [name for name, _ in recorder.target.named_parameters()]
-    assert sorted(target_names) == sorted(expected)
-    assert {n.split(".")[1] for n in expected if n.startswith("heads.")} == {"res2", "res3", "res4", "res5"}
-    assert any(".dense_projector." in n for n in target_names)
-    before, after = recorder.snapshots[1], recorder.snapshots[2]
-    assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), target_names)
+    yield from training_run(tmp_path_factory, ladder_byol, "LadderBYOL", LADDER_ARGS, EMA_THEN_GRADS)
 
 
 def matched_regression(prediction, query, key_map, target):
@@ -311,37 +298,67 @@ def byol_views(cfg, images, step, recipes=None):
                            cfg.image_size, generator)[0] for recipe in recipes]
 
 
-def test_ladder_step_gradients_match_a_hand_written_step(ladder_run):
-    """Step 2 by hand: each stage's head on its own stage map; L_s = l(q_s(p_s(pool v1)), sg p'_s(pool v2)) + sym;
-    at res2/res3 (1 - 0.3) L_s + 0.3 D_s with D_s matched on the dense projections (online view a vs target view
-    b); total = sum_s w_s L_s with w = 1/16, 1/8, 1/4, 1."""
-    cfg, recorder, _ = ladder_run
-    snapshot = recorder.snapshots[2]
-    model = ladder_byol.LadderBYOL(cfg)
-    model.load_state_dict(snapshot["online"])
-    target = ladder_byol.LadderBYOL(cfg)
-    target.load_state_dict({**snapshot["online"], **snapshot["target"]})
-    views = byol_views(cfg, recorder.images[2], step=2)
-    online_maps = [model.backbone(v) for v in views]
-    with torch.no_grad():
-        target_maps = [target.backbone(v) for v in views]
-    total = 0.0
-    for stage, weight in LADDER_WEIGHTS.items():
-        head, target_head = model.heads[stage], target.heads[stage]
-        p = [head.predictor(head.projector(maps[stage].mean(dim=(2, 3)))) for maps in online_maps]
+class TestLadderBYOL:
+    """ladder_byol.py with two dense rungs (Ladder-DenseBYOL)."""
+
+    def test_ladder_lr_every_predictor_at_the_factor(self, ladder_run):
+        """Every rung's predictor, global and dense, at 10x; projectors and backbone at 1x; warmup then cosine."""
+        _, recorder, _ = ladder_run
+        peak = 32 * 8 / 256
+        predictors = 0
+        for step, per_param in enumerate(recorder.lrs):
+            lr = warmup_cosine(step, 4, 2, peak)
+            for name, group in per_param.items():
+                parts = name.split(".")
+                factor = 10.0 if ("predictor" in parts or "dense_predictor" in parts) else 1.0
+                predictors += factor == 10.0
+                assert group["lr"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-12), (step, name)
+                weights = recorder.model.get_parameter(name).ndim > 1
+                assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
+        assert len(recorder.lrs) == 4 and predictors > 0
+
+    def test_ladder_target_is_an_ema_of_backbone_and_every_projector(self, ladder_run):
+        _, recorder, _ = ladder_run
+        online = [name for name, _ in recorder.model.named_parameters()]
+        expected = [n for n in online if n.startswith("backbone.") or n.split(".")[2] in ("projector", "dense_projector")]
+        target_names = [name for name, _ in recorder.target.named_parameters()]
+        assert sorted(target_names) == sorted(expected)
+        assert {n.split(".")[1] for n in expected if n.startswith("heads.")} == {"res2", "res3", "res4", "res5"}
+        assert any(".dense_projector." in n for n in target_names)
+        before, after = recorder.snapshots[1], recorder.snapshots[2]
+        assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), target_names)
+
+    def test_ladder_step_gradients_match_a_hand_written_step(self, ladder_run):
+        """Step 2 by hand: each stage's head on its own stage map; L_s = l(q_s(p_s(pool v1)), sg p'_s(pool v2)) + sym;
+        at res2/res3 (1 - 0.3) L_s + 0.3 D_s with D_s matched on the dense projections (online view a vs target view
+        b); total = sum_s w_s L_s with w = 1/16, 1/8, 1/4, 1."""
+        cfg, recorder, _ = ladder_run
+        snapshot = recorder.snapshots[2]
+        model = ladder_byol.LadderBYOL(cfg)
+        model.load_state_dict(snapshot["online"])
+        target = ladder_byol.LadderBYOL(cfg)
+        target.load_state_dict({**snapshot["online"], **snapshot["target"]})
+        views = byol_views(cfg, recorder.images[2], step=2)
+        online_maps = [model.backbone(v) for v in views]
         with torch.no_grad():
-            z = [target_head.projector(maps[stage].mean(dim=(2, 3))) for maps in target_maps]
-        loss = cosine_loss(p[0], z[1]) + cosine_loss(p[1], z[0])
-        if stage in ("res2", "res3"):
-            y = [head.dense_projector(maps[stage]) for maps in online_maps]
-            q = [head.dense_predictor(y_a) for y_a in y]
+            target_maps = [target.backbone(v) for v in views]
+        total = 0.0
+        for stage, weight in LADDER_WEIGHTS.items():
+            head, target_head = model.heads[stage], target.heads[stage]
+            p = [head.predictor(head.projector(maps[stage].mean(dim=(2, 3)))) for maps in online_maps]
             with torch.no_grad():
-                y_t = [target_head.dense_projector(maps[stage]) for maps in target_maps]
-            dense = matched_regression(q[0], y[0], y_t[1], y_t[1]) + matched_regression(q[1], y[1], y_t[0], y_t[0])
-            loss = 0.7 * loss + 0.3 * dense
-        total = total + weight * loss
-    total.backward()
-    assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
+                z = [target_head.projector(maps[stage].mean(dim=(2, 3))) for maps in target_maps]
+            loss = cosine_loss(p[0], z[1]) + cosine_loss(p[1], z[0])
+            if stage in ("res2", "res3"):
+                y = [head.dense_projector(maps[stage]) for maps in online_maps]
+                q = [head.dense_predictor(y_a) for y_a in y]
+                with torch.no_grad():
+                    y_t = [target_head.dense_projector(maps[stage]) for maps in target_maps]
+                dense = matched_regression(q[0], y[0], y_t[1], y_t[1]) + matched_regression(q[1], y[1], y_t[0], y_t[0])
+                loss = 0.7 * loss + 0.3 * dense
+            total = total + weight * loss
+        total.backward()
+        assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,65 +372,59 @@ DENSE_ARGS = ["--synthetic-size", "32", "--image-size", "96", "--batch-size", "8
               "--knn-every", "0", "--log-every", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def dense_run(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        recorder = Recorder(monkeypatch, dense_byol, "DenseBYOL", snapshot_steps=(1, 2))
-        out = tmp_path_factory.mktemp("dense")
-        result = recorder.run(dense_byol.main, DENSE_ARGS + ["--out", str(out)])
-    finally:
-        monkeypatch.undo()
-    return common.parse_config(dense_byol.Config, {}, DENSE_ARGS), recorder, result
+    yield from training_run(tmp_path_factory, dense_byol, "DenseBYOL", DENSE_ARGS, EMA_THEN_GRADS)
 
 
-def test_dense_byol_lr_both_predictors_at_the_factor(dense_run):
-    _, recorder, _ = dense_run
-    peak = 32 * 8 / 256
-    for step, per_param in enumerate(recorder.lrs):
-        lr = warmup_cosine(step, 4, 2, peak)
-        for name, group in per_param.items():
-            factor = 10.0 if name.startswith(("predictor.", "dense_predictor.")) else 1.0
-            assert group["lr"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-12), (step, name)
-            weights = recorder.model.get_parameter(name).ndim > 1
-            assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
-    assert len(recorder.lrs) == 4
+class TestDenseBYOL:
+    """dense_byol.py."""
 
+    def test_dense_byol_lr_both_predictors_at_the_factor(self, dense_run):
+        _, recorder, _ = dense_run
+        peak = 32 * 8 / 256
+        for step, per_param in enumerate(recorder.lrs):
+            lr = warmup_cosine(step, 4, 2, peak)
+            for name, group in per_param.items():
+                factor = 10.0 if name.startswith(("predictor.", "dense_predictor.")) else 1.0
+                assert group["lr"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-12), (step, name)
+                weights = recorder.model.get_parameter(name).ndim > 1
+                assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
+        assert len(recorder.lrs) == 4
 
-def test_dense_byol_target_is_an_ema_of_backbone_and_both_projectors(dense_run):
-    _, recorder, _ = dense_run
-    online = [name for name, _ in recorder.model.named_parameters()]
-    target_names = [name for name, _ in recorder.target.named_parameters()]
-    assert sorted(target_names) == sorted(n for n in online
-                                          if n.startswith(("backbone.", "projector.", "dense_projector.")))
-    before, after = recorder.snapshots[1], recorder.snapshots[2]
-    assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), target_names)
+    def test_dense_byol_target_is_an_ema_of_backbone_and_both_projectors(self, dense_run):
+        _, recorder, _ = dense_run
+        online = [name for name, _ in recorder.model.named_parameters()]
+        target_names = [name for name, _ in recorder.target.named_parameters()]
+        assert sorted(target_names) == sorted(n for n in online
+                                              if n.startswith(("backbone.", "projector.", "dense_projector.")))
+        before, after = recorder.snapshots[1], recorder.snapshots[2]
+        assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), target_names)
 
-
-def test_dense_byol_step_gradients_match_a_hand_written_step(dense_run):
-    """Step 2 by hand: (1 - 0.3) [l(q(g(pool y1)), sg g'(pool y'2)) + sym] + 0.3 [D(1 -> 2) + D(2 -> 1)], where
-    D(a -> b) matches every res5 position of view a's online dense projection to the most similar position of
-    view b's target dense projection (Eq. 7) and regresses the dense prediction onto it."""
-    cfg, recorder, _ = dense_run
-    snapshot = recorder.snapshots[2]
-    model = dense_byol.DenseBYOL(cfg)
-    model.load_state_dict(snapshot["online"])
-    target = dense_byol.DenseBYOL(cfg)
-    target.load_state_dict({**snapshot["online"], **snapshot["target"]})
-    views = byol_views(cfg, recorder.images[2], step=2)
-    maps = [model.backbone(v)["res5"] for v in views]
-    assert maps[0].shape[-2:] == (3, 3)
-    p = [model.predictor(model.projector(m.mean(dim=(2, 3)))) for m in maps]
-    y = [model.dense_projector(m) for m in maps]
-    q = [model.dense_predictor(y_a) for y_a in y]
-    with torch.no_grad():
-        target_maps = [target.backbone(v)["res5"] for v in views]
-        z = [target.projector(m.mean(dim=(2, 3))) for m in target_maps]
-        y_t = [target.dense_projector(m) for m in target_maps]
-    global_loss = cosine_loss(p[0], z[1]) + cosine_loss(p[1], z[0])
-    dense = matched_regression(q[0], y[0], y_t[1], y_t[1]) + matched_regression(q[1], y[1], y_t[0], y_t[0])
-    (0.7 * global_loss + 0.3 * dense).backward()
-    assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
+    def test_dense_byol_step_gradients_match_a_hand_written_step(self, dense_run):
+        """Step 2 by hand: (1 - 0.3) [l(q(g(pool y1)), sg g'(pool y'2)) + sym] + 0.3 [D(1 -> 2) + D(2 -> 1)], where
+        D(a -> b) matches every res5 position of view a's online dense projection to the most similar position of
+        view b's target dense projection (Eq. 7) and regresses the dense prediction onto it."""
+        cfg, recorder, _ = dense_run
+        snapshot = recorder.snapshots[2]
+        model = dense_byol.DenseBYOL(cfg)
+        model.load_state_dict(snapshot["online"])
+        target = dense_byol.DenseBYOL(cfg)
+        target.load_state_dict({**snapshot["online"], **snapshot["target"]})
+        views = byol_views(cfg, recorder.images[2], step=2)
+        maps = [model.backbone(v)["res5"] for v in views]
+        assert maps[0].shape[-2:] == (3, 3)
+        p = [model.predictor(model.projector(m.mean(dim=(2, 3)))) for m in maps]
+        y = [model.dense_projector(m) for m in maps]
+        q = [model.dense_predictor(y_a) for y_a in y]
+        with torch.no_grad():
+            target_maps = [target.backbone(v)["res5"] for v in views]
+            z = [target.projector(m.mean(dim=(2, 3))) for m in target_maps]
+            y_t = [target.dense_projector(m) for m in target_maps]
+        global_loss = cosine_loss(p[0], z[1]) + cosine_loss(p[1], z[0])
+        dense = matched_regression(q[0], y[0], y_t[1], y_t[1]) + matched_regression(q[1], y[1], y_t[0], y_t[0])
+        (0.7 * global_loss + 0.3 * dense).backward()
+        assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -431,24 +442,15 @@ LEWEL_M_ARGS = ["--preset", "moco"] + LEWEL_ARGS + ["--base-lr", "8", "--tau-bas
                                                     "--temperature", "0.5"]
 
 
-def lewel_run(tmp_path_factory, args, name, snapshot_steps):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        recorder = Recorder(monkeypatch, lewel, "LEWEL", snapshot_steps=snapshot_steps, extra_classes=("KeyQueue",))
-        result = recorder.run(lewel.main, args + ["--out", str(tmp_path_factory.mktemp(name))])
-    finally:
-        monkeypatch.undo()
-    return common.parse_config(lewel.Config, lewel.PRESETS, args), recorder, result
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def lewel_b_run(tmp_path_factory):
-    return lewel_run(tmp_path_factory, LEWEL_B_ARGS, "lewel_b", (1, 2))
+    yield from training_run(tmp_path_factory, lewel, "LEWEL", LEWEL_B_ARGS, EMA_THEN_GRADS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def lewel_m_run(tmp_path_factory):
-    return lewel_run(tmp_path_factory, LEWEL_M_ARGS, "lewel_m", (1, 2, 3))
+    snapshots = {1: ("target", "online_after"), 2: ("online", "target", "grads", "extras"), 3: ("extras",)}
+    yield from training_run(tmp_path_factory, lewel, "LEWEL", LEWEL_M_ARGS, snapshots, extra_classes=("KeyQueue",))
 
 
 def lewel_embed(net, view, groups, scale):
@@ -478,74 +480,60 @@ def lewel_models(cfg, snapshot):
     return model, target
 
 
-def test_lewel_b_lr_weight_decay_and_lars_form(lewel_b_run):
-    """One lr for every parameter (no factor), warmup then cosine; LARS in the official (lr inside the momentum
-    buffer) form; weight decay on weights only."""
-    cfg, recorder, _ = lewel_b_run
-    peak = 32 * 8 / 256
-    for step, per_param in enumerate(recorder.lrs):
-        for name, group in per_param.items():
-            assert group["lr"] == pytest.approx(warmup_cosine(step, 4, 2, peak), rel=1e-9, abs=1e-12), (step, name)
-            weights = recorder.model.get_parameter(name).ndim > 1
-            assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
-            assert group["kind"] == "LARS" and group["form"] == "openselfsup"
-    assert len(recorder.lrs) == 4
+class TestLEWELB:
+    """lewel.py, LEWEL_B with the EMAN target."""
 
+    def test_lewel_b_lr_weight_decay_and_lars_form(self, lewel_b_run):
+        """One lr for every parameter (no factor), warmup then cosine; LARS in the official (lr inside the momentum
+        buffer) form; weight decay on weights only."""
+        cfg, recorder, _ = lewel_b_run
+        peak = 32 * 8 / 256
+        for step, per_param in enumerate(recorder.lrs):
+            for name, group in per_param.items():
+                assert group["lr"] == pytest.approx(warmup_cosine(step, 4, 2, peak), rel=1e-9, abs=1e-12), (step, name)
+                weights = recorder.model.get_parameter(name).ndim > 1
+                assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
+                assert group["kind"] == "LARS" and group["form"] == "openselfsup"
+        assert len(recorder.lrs) == 4
 
-def test_lewel_b_eman_target_averages_parameters_and_bn_statistics(lewel_b_run):
-    """The EMAN target holds backbone, g and p (no predictors) and runs in eval mode; after step 1 its parameters
-    AND BN running statistics are tau_1 * target + (1 - tau_1) * online; num_batches_tracked is copied."""
-    _, recorder, _ = lewel_b_run
-    assert not recorder.target.training and not any(m.training for m in recorder.target.modules())
-    online = dict(recorder.model.state_dict())
-    target_keys = list(recorder.target.state_dict())
-    assert sorted(target_keys) == sorted(n for n in online
-                                         if n.startswith(("backbone.", "projector.", "aligned_projector.")))
-    before, after = recorder.snapshots[1], recorder.snapshots[2]
-    averaged = [name for name in target_keys if after["target"][name].is_floating_point()]
-    assert any("running_mean" in name for name in averaged)
-    assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), averaged)
-    for name in target_keys:
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(after["target"][name], before["online_after"][name]), name
+    def test_lewel_b_eman_target_averages_parameters_and_bn_statistics(self, lewel_b_run):
+        """The EMAN target holds backbone, g and p (no predictors) and runs in eval mode; after step 1 its parameters
+        AND BN running statistics are tau_1 * target + (1 - tau_1) * online; num_batches_tracked is copied."""
+        _, recorder, _ = lewel_b_run
+        assert not recorder.target.training and not any(m.training for m in recorder.target.modules())
+        online = dict(recorder.model.state_dict())
+        target_keys = list(recorder.target.state_dict())
+        assert sorted(target_keys) == sorted(n for n in online
+                                             if n.startswith(("backbone.", "projector.", "aligned_projector.")))
+        before, after = recorder.snapshots[1], recorder.snapshots[2]
+        averaged = [name for name in target_keys if after["target"][name].is_floating_point()]
+        assert any("running_mean" in name for name in averaged)
+        assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), averaged)
+        for name in target_keys:
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(after["target"][name], before["online_after"][name]), name
 
-
-def test_lewel_b_step_gradients_match_a_hand_written_step(lewel_b_run):
-    """Step 2 by hand: LEWEL's bilinear BYOL views; per direction (1 - beta) l(q(z_1), sg z'_2) +
-    beta mean_k l(s(z_1,k), sg z'_2,k) with the target's own maps, target in eval mode; both directions summed."""
-    cfg, recorder, _ = lewel_b_run
-    snapshot = recorder.snapshots[2]
-    model, target = lewel_models(cfg, snapshot)
-    target.eval()
-    bilinear = [dataclasses.replace(recipe, interpolation="bilinear") for recipe in common.BYOL_VIEWS]
-    views = byol_views(cfg, recorder.images[2], step=2, recipes=bilinear)
-    online = [lewel_embed(model, v, 4, 0.5) for v in views]
-    with torch.no_grad():
-        targets = [lewel_embed(target, v, 4, 0.5) for v in views]
-    loss = 0.0
-    for a, b in ((0, 1), (1, 0)):
-        z, aligned = online[a]
-        prediction = model.predictor(z)
-        aligned_prediction = model.aligned_predictor(aligned.flatten(0, 1))
-        loss = loss + 0.7 * cosine_loss(prediction, targets[b][0]) \
-            + 0.3 * cosine_loss(aligned_prediction, targets[b][1].flatten(0, 1))
-    loss.backward()
-    assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
-
-
-def test_lewel_m_sgd_on_every_parameter_and_fixed_key_momentum(lewel_m_run):
-    """LEWEL_M: SGD (momentum 0.9) with weight decay on every parameter, no warmup, cosine; the key encoder
-    follows the online network at the FIXED momentum tau_base (no cosine)."""
-    cfg, recorder, _ = lewel_m_run
-    peak = 8 * 8 / 256
-    for step, per_param in enumerate(recorder.lrs):
-        for name, group in per_param.items():
-            assert group["lr"] == pytest.approx(warmup_cosine(step, 4, 0, peak), rel=1e-9), (step, name)
-            assert group["kind"] == "SGD" and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4, name
-    assert recorder.model.predictor is None and recorder.target.training
-    target_names = [name for name, _ in recorder.target.named_parameters()]
-    before, after = recorder.snapshots[1], recorder.snapshots[2]
-    assert_ema(before["target"], before["online_after"], after["target"], 0.5, target_names)
+    def test_lewel_b_step_gradients_match_a_hand_written_step(self, lewel_b_run):
+        """Step 2 by hand: LEWEL's bilinear BYOL views; per direction (1 - beta) l(q(z_1), sg z'_2) +
+        beta mean_k l(s(z_1,k), sg z'_2,k) with the target's own maps, target in eval mode; both directions summed."""
+        cfg, recorder, _ = lewel_b_run
+        snapshot = recorder.snapshots[2]
+        model, target = lewel_models(cfg, snapshot)
+        target.eval()
+        bilinear = [dataclasses.replace(recipe, interpolation="bilinear") for recipe in common.BYOL_VIEWS]
+        views = byol_views(cfg, recorder.images[2], step=2, recipes=bilinear)
+        online = [lewel_embed(model, v, 4, 0.5) for v in views]
+        with torch.no_grad():
+            targets = [lewel_embed(target, v, 4, 0.5) for v in views]
+        loss = 0.0
+        for a, b in ((0, 1), (1, 0)):
+            z, aligned = online[a]
+            prediction = model.predictor(z)
+            aligned_prediction = model.aligned_predictor(aligned.flatten(0, 1))
+            loss = loss + 0.7 * cosine_loss(prediction, targets[b][0]) \
+                + 0.3 * cosine_loss(aligned_prediction, targets[b][1].flatten(0, 1))
+        loss.backward()
+        assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
 
 
 def info_nce_by_hand(query, positive, negatives, temperature):
@@ -555,37 +543,54 @@ def info_nce_by_hand(query, positive, negatives, temperature):
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
-def test_lewel_m_step_gradients_and_queue_match_a_hand_written_step(lewel_m_run):
-    """Step 2 by hand: MoCo v2 views; per direction (1 - beta) InfoNCE(z_1, key z'_2, negatives = the queue as it
-    was before the step) + beta * mean_k InfoNCE(z_1,k, key z'_2,k of the same image, negatives = z'_2,k of the
-    other images); both directions summed. Afterwards both views' global keys sit, l2-normalised, in the queue
-    right after the previous step's."""
-    cfg, recorder, _ = lewel_m_run
-    snapshot = recorder.snapshots[2]
-    model, target = lewel_models(cfg, snapshot)
-    queue = snapshot["extras"]["KeyQueue"]["keys"]
-    views = byol_views(cfg, recorder.images[2], step=2, recipes=lewel.MOCO_VIEWS)
-    assert recorder.recipes[2] == [dataclasses.replace(r, crop_scale=(cfg.crop_min_scale, 1.0))
-                                   for r in lewel.MOCO_VIEWS]
-    online = [lewel_embed(model, v, 4, 0.5) for v in views]
-    with torch.no_grad():
-        keys = [lewel_embed(target, v, 4, 0.5) for v in views]
-    loss = 0.0
-    for a, b in ((0, 1), (1, 0)):
-        (query, query_aligned), (key, key_aligned) = online[a], keys[b]
-        aligned = 0.0
-        for k in range(query_aligned.shape[1]):
-            others = [torch.cat([key_aligned[:i, k], key_aligned[i + 1:, k]]) for i in range(len(key))]
-            aligned = aligned + torch.stack([info_nce_by_hand(query_aligned[i:i + 1, k], key_aligned[i:i + 1, k],
-                                                              F.normalize(others[i], dim=1), 0.5)
-                                             for i in range(len(key))]).mean()
-        loss = loss + 0.7 * info_nce_by_hand(query, key, queue, 0.5) + 0.3 * aligned / query_aligned.shape[1]
-    loss.backward()
-    assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
-    queue_after = recorder.snapshots[3]["extras"]["KeyQueue"]["keys"]
-    written = F.normalize(torch.cat([keys[0][0], keys[1][0]]), dim=1)  # step 2 writes rows 32..47 of 64
-    torch.testing.assert_close(queue_after[32:48], written, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(queue_after[:32], queue[:32])
+class TestLEWELM:
+    """lewel.py --preset moco: LEWEL_M with key encoder and queue."""
+
+    def test_lewel_m_sgd_on_every_parameter_and_fixed_key_momentum(self, lewel_m_run):
+        """LEWEL_M: SGD (momentum 0.9) with weight decay on every parameter, no warmup, cosine; the key encoder
+        follows the online network at the FIXED momentum tau_base (no cosine)."""
+        cfg, recorder, _ = lewel_m_run
+        peak = 8 * 8 / 256
+        for step, per_param in enumerate(recorder.lrs):
+            for name, group in per_param.items():
+                assert group["lr"] == pytest.approx(warmup_cosine(step, 4, 0, peak), rel=1e-9), (step, name)
+                assert group["kind"] == "SGD" and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4, name
+        assert recorder.model.predictor is None and recorder.target.training
+        target_names = [name for name, _ in recorder.target.named_parameters()]
+        before, after = recorder.snapshots[1], recorder.snapshots[2]
+        assert_ema(before["target"], before["online_after"], after["target"], 0.5, target_names)
+
+    def test_lewel_m_step_gradients_and_queue_match_a_hand_written_step(self, lewel_m_run):
+        """Step 2 by hand: MoCo v2 views; per direction (1 - beta) InfoNCE(z_1, key z'_2, negatives = the queue as it
+        was before the step) + beta * mean_k InfoNCE(z_1,k, key z'_2,k of the same image, negatives = z'_2,k of the
+        other images); both directions summed. Afterwards both views' global keys sit, l2-normalised, in the queue
+        right after the previous step's."""
+        cfg, recorder, _ = lewel_m_run
+        snapshot = recorder.snapshots[2]
+        model, target = lewel_models(cfg, snapshot)
+        queue = snapshot["extras"]["KeyQueue"]["keys"]
+        views = byol_views(cfg, recorder.images[2], step=2, recipes=lewel.MOCO_VIEWS)
+        assert recorder.recipes[2] == [dataclasses.replace(r, crop_scale=(cfg.crop_min_scale, 1.0))
+                                       for r in lewel.MOCO_VIEWS]
+        online = [lewel_embed(model, v, 4, 0.5) for v in views]
+        with torch.no_grad():
+            keys = [lewel_embed(target, v, 4, 0.5) for v in views]
+        loss = 0.0
+        for a, b in ((0, 1), (1, 0)):
+            (query, query_aligned), (key, key_aligned) = online[a], keys[b]
+            aligned = 0.0
+            for k in range(query_aligned.shape[1]):
+                others = [torch.cat([key_aligned[:i, k], key_aligned[i + 1:, k]]) for i in range(len(key))]
+                aligned = aligned + torch.stack([info_nce_by_hand(query_aligned[i:i + 1, k], key_aligned[i:i + 1, k],
+                                                                  F.normalize(others[i], dim=1), 0.5)
+                                                 for i in range(len(key))]).mean()
+            loss = loss + 0.7 * info_nce_by_hand(query, key, queue, 0.5) + 0.3 * aligned / query_aligned.shape[1]
+        loss.backward()
+        assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
+        queue_after = recorder.snapshots[3]["extras"]["KeyQueue"]["keys"]
+        written = F.normalize(torch.cat([keys[0][0], keys[1][0]]), dim=1)  # step 2 writes rows 32..47 of 64
+        torch.testing.assert_close(queue_after[32:48], written, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(queue_after[:32], queue[:32])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -601,26 +606,14 @@ DENSESIAM_ARGS = ["--synthetic-size", "32", "--image-size", "64", "--batch-size"
                   "--momentum", "0.8", "--knn-every", "0", "--log-every", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
+SMALL_CROPS = dataclasses.replace(common.SIMSIAM_VIEW, crop_scale=(0.05, 0.2))
+
+
+@pytest.fixture(scope="class")
 def densesiam_run(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        recorder = Recorder(monkeypatch, densesiam, "DenseSiam", snapshot_steps=(1, 2))
-        out = tmp_path_factory.mktemp("densesiam")
-        result = recorder.run(densesiam.main, DENSESIAM_ARGS + ["--out", str(out)])
-    finally:
-        monkeypatch.undo()
-    return common.parse_config(densesiam.Config, {}, DENSESIAM_ARGS), recorder, result
-
-
-def test_densesiam_sgd_on_every_parameter_cosine_without_warmup(densesiam_run):
-    _, recorder, _ = densesiam_run
-    peak = 4 * 8 / 256
-    for step, per_param in enumerate(recorder.lrs):
-        for name, group in per_param.items():
-            assert group["lr"] == pytest.approx(warmup_cosine(step, 4, 0, peak), rel=1e-9), (step, name)
-            assert group["kind"] == "SGD" and group["momentum"] == 0.8 and group["weight_decay"] == 0.01, name
-    assert len(recorder.lrs) == 4 and recorder.target is None
+    # smaller crops than SimSiam's, so that some pairs of crops do not overlap (PixSim/RegionSim mask them)
+    small_crops = lambda monkeypatch, recorder: monkeypatch.setattr(common, "SIMSIAM_VIEW", SMALL_CROPS)  # noqa: E731
+    yield from training_run(tmp_path_factory, densesiam, "DenseSiam", DENSESIAM_ARGS, GRADS_ONLY, patch=small_crops)
 
 
 def densesiam_reference_grads(cfg, snapshot, images, step, with_region):
@@ -630,8 +623,7 @@ def densesiam_reference_grads(cfg, snapshot, images, step, with_region):
     model = densesiam.DenseSiam(cfg)
     model.load_state_dict(snapshot["online"])
     generator = common.step_generator(torch.device("cpu"), cfg.seed, 0, step)
-    views, boxes, flips = zip(*(common.augment(images, common.SIMSIAM_VIEW, cfg.image_size, generator)
-                                for _ in range(2)))
+    views, boxes, flips = zip(*(common.augment(images, SMALL_CROPS, cfg.image_size, generator) for _ in range(2)))
     grid1, grid2, valid = densesiam.intersection_grids(boxes[0], flips[0], boxes[1], flips[1], 3)
     sample = lambda maps, grid: F.grid_sample(maps, grid, mode="bilinear", padding_mode="border",  # noqa: E731
                                               align_corners=False)
@@ -664,16 +656,31 @@ def densesiam_reference_grads(cfg, snapshot, images, step, with_region):
         region = 0.5 * contrast(first["u"], second["v"]) + 0.5 * contrast(second["u"], first["v"])
         loss = loss + 0.3 * (region * weights).sum() / weights.sum()
     loss.backward()
-    return {name: p.grad for name, p in model.named_parameters()}
+    return {name: p.grad for name, p in model.named_parameters()}, valid
 
 
-@pytest.mark.parametrize("step", [1, 2])
-def test_densesiam_step_gradients_match_a_hand_written_step(densesiam_run, step):
-    """Step 1 (before region_start: RegionSim off, its heads get no gradient) and step 2 (on at lambda2 = 0.3)."""
-    cfg, recorder, _ = densesiam_run
-    snapshot = recorder.snapshots[step]
-    expected = densesiam_reference_grads(cfg, snapshot, recorder.images[step], step, with_region=step >= 2)
-    assert_grads_match(snapshot["grads"], expected)
+class TestDenseSiam:
+    """densesiam.py, pretraining mode."""
+
+    def test_densesiam_sgd_on_every_parameter_cosine_without_warmup(self, densesiam_run):
+        _, recorder, _ = densesiam_run
+        peak = 4 * 8 / 256
+        for step, per_param in enumerate(recorder.lrs):
+            for name, group in per_param.items():
+                assert group["lr"] == pytest.approx(warmup_cosine(step, 4, 0, peak), rel=1e-9), (step, name)
+                assert group["kind"] == "SGD" and group["momentum"] == 0.8 and group["weight_decay"] == 0.01, name
+        assert len(recorder.lrs) == 4 and recorder.target is None
+
+    @pytest.mark.parametrize("step", [1, 2])
+    def test_densesiam_step_gradients_match_a_hand_written_step(self, densesiam_run, step):
+        """Step 1 (before region_start: RegionSim off, its heads get no gradient) and step 2 (on at lambda2 = 0.3);
+        both steps hold image pairs whose crops do not overlap, which the dense terms leave out."""
+        cfg, recorder, _ = densesiam_run
+        snapshot = recorder.snapshots[step]
+        assert recorder.recipes[step] == [SMALL_CROPS, SMALL_CROPS]
+        expected, valid = densesiam_reference_grads(cfg, snapshot, recorder.images[step], step, with_region=step >= 2)
+        assert 0 < valid.sum() < len(valid)
+        assert_grads_match(snapshot["grads"], expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -681,46 +688,17 @@ def test_densesiam_step_gradients_match_a_hand_written_step(densesiam_run, step)
 # ---------------------------------------------------------------------------------------------------------------------
 
 # 32 px, 4 levels: per branch 8 full images, 2 / 1 / 1 montages of 2x2 / 4x4 / 8x8 tiles (the last level holds each
-# image twice); level s read from P(5-s) where every tile is one cell. Level weights and T not at their defaults.
+# image twice); level s read from P(5-s) where every tile is one cell. Level weights and T not at their defaults
+# (T = 0.25, so that the 2T factor is not 1).
 MCL_ARGS = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "8", "--fpn-dim", "16", "--head-convs", "2",
-            "--hidden-dim", "32", "--proj-dim", "16", "--level-weights", "0.4,0.3,0.2,0.1", "--temperature", "0.5",
+            "--hidden-dim", "32", "--proj-dim", "16", "--level-weights", "0.4,0.3,0.2,0.1", "--temperature", "0.25",
             "--epochs", "1", "--warmup-epochs", "0.5", "--base-lr", "32", "--final-lr", "0.05", "--tau-base", "0.5",
             "--weight-decay", "0.01", "--knn-every", "0", "--log-every", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def mcl_run(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        recorder = Recorder(monkeypatch, mcl, "MCL", snapshot_steps=(1, 2))
-        out = tmp_path_factory.mktemp("mcl")
-        result = recorder.run(mcl.main, MCL_ARGS + ["--out", str(out)])
-    finally:
-        monkeypatch.undo()
-    return common.parse_config(mcl.Config, {}, MCL_ARGS), recorder, result
-
-
-def test_mcl_lr_to_final_lr_and_lars_form(mcl_run):
-    """Warmup over 2 steps, then cosine from the peak down to --final-lr (not 0); LARS in the official form."""
-    _, recorder, _ = mcl_run
-    peak, final = 32 * 8 / 256, 0.05
-    for step, per_param in enumerate(recorder.lrs):
-        lr = peak * step / 2 if step < 2 else final + (peak - final) * 0.5 * (1 + math.cos(math.pi * (step - 2) / 2))
-        for name, group in per_param.items():
-            assert group["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-12), (step, name)
-            weights = recorder.model.get_parameter(name).ndim > 1
-            assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
-            assert group["kind"] == "LARS" and group["form"] == "openselfsup"
-    assert len(recorder.lrs) == 4
-
-
-def test_mcl_target_is_an_ema_of_backbone_fpn_and_head(mcl_run):
-    _, recorder, _ = mcl_run
-    online = [name for name, _ in recorder.model.named_parameters()]
-    target_names = [name for name, _ in recorder.target.named_parameters()]
-    assert sorted(target_names) == sorted(n for n in online if n.startswith(("backbone.", "fpn.", "head.")))
-    before, after = recorder.snapshots[1], recorder.snapshots[2]
-    assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), target_names)
+    yield from training_run(tmp_path_factory, mcl, "MCL", MCL_ARGS, EMA_THEN_GRADS)
 
 
 def montage_tiles(feature, ratio):
@@ -730,49 +708,166 @@ def montage_tiles(feature, ratio):
                         for i in range(m) for row in range(ratio) for col in range(ratio)])
 
 
-def test_mcl_step_gradients_match_a_hand_written_step(mcl_run):
-    """Step 2 by hand (mode a): branch q = BYOL view 1 recipe, branch k = view 2 recipe, bilinear; each level of a
-    branch its own view, levels > 0 as montages; online: level s tiles from P(5-s), head, predictor s; target: the
-    full images (level 0) of the OTHER branch, l2-normalised, one key per image; loss = sum over branches and levels
-    of w_s * 2T * CE(cos(u, keys) / T, the tile's own image)."""
-    cfg, recorder, _ = mcl_run
-    snapshot = recorder.snapshots[2]
-    model = mcl.MCL(cfg)
+class TestMCL:
+    """mcl.py, mode a."""
+
+    def test_mcl_lr_to_final_lr_and_lars_form(self, mcl_run):
+        """Warmup over 2 steps, then cosine from the peak down to --final-lr (not 0); LARS in the official form."""
+        _, recorder, _ = mcl_run
+        peak, final = 32 * 8 / 256, 0.05
+        for step, per_param in enumerate(recorder.lrs):
+            lr = peak * step / 2 if step < 2 else final + (peak - final) * 0.5 * (1 + math.cos(math.pi * (step - 2) / 2))
+            for name, group in per_param.items():
+                assert group["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-12), (step, name)
+                weights = recorder.model.get_parameter(name).ndim > 1
+                assert group["lars"] == weights and group["weight_decay"] == (0.01 if weights else 0.0), name
+                assert group["kind"] == "LARS" and group["form"] == "openselfsup"
+        assert len(recorder.lrs) == 4
+
+    def test_mcl_target_is_an_ema_of_backbone_fpn_and_head(self, mcl_run):
+        _, recorder, _ = mcl_run
+        online = [name for name, _ in recorder.model.named_parameters()]
+        target_names = [name for name, _ in recorder.target.named_parameters()]
+        assert sorted(target_names) == sorted(n for n in online if n.startswith(("backbone.", "fpn.", "head.")))
+        before, after = recorder.snapshots[1], recorder.snapshots[2]
+        assert_ema(before["target"], before["online_after"], after["target"], byol_tau(1, 4, 0.5), target_names)
+
+    def test_mcl_step_gradients_match_a_hand_written_step(self, mcl_run):
+        """Step 2 by hand (mode a): branch q = BYOL view 1 recipe, branch k = view 2 recipe, bilinear; each level of a
+        branch its own view, levels > 0 as montages; online: level s tiles from P(5-s), head, predictor s; target: the
+        full images (level 0) of the OTHER branch, l2-normalised, one key per image; loss = sum over branches and levels
+        of w_s * 2T * CE(cos(u, keys) / T, the tile's own image)."""
+        cfg, recorder, _ = mcl_run
+        snapshot = recorder.snapshots[2]
+        model = mcl.MCL(cfg)
+        model.load_state_dict(snapshot["online"])
+        target = mcl.MCL(cfg)
+        target.load_state_dict({**snapshot["online"], **snapshot["target"]})
+        images = recorder.images[2]
+        generator = common.step_generator(torch.device("cpu"), cfg.seed, 0, 2)
+        counts = [8, 2, 1, 1]
+        stacks, tile_ids = [], []
+        for recipe in common.BYOL_VIEWS:
+            recipe = dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0), interpolation="bilinear")
+            parts, ids = [], []
+            for level, count in enumerate(counts):
+                view = common.augment(images, recipe, 32, generator)[0]
+                if level == 0:
+                    parts.append(view)
+                    ids.append(torch.arange(8))
+                else:
+                    montages, level_ids = mcl.assemble_montages(view, 2 ** level, count, generator)
+                    parts.append(montages)
+                    ids.append(level_ids)
+            stacks.append(torch.cat(parts))
+            tile_ids.append(ids)
+        assert [len(ids) for ids in tile_ids[0]] == [8, 8, 16, 64]
+        starts = [0, 8, 10, 11, 12]
+        keys = []
+        with torch.no_grad():
+            for stack in stacks:
+                pyramid = target.fpn(target.backbone(stack))
+                keys.append(F.normalize(target.head(pyramid["p5"][:8]), dim=1))    # level 0: one key per image
+        loss = 0.0
+        for branch, stack in enumerate(stacks):
+            pyramid = model.fpn(model.backbone(stack))
+            for level, weight in enumerate((0.4, 0.3, 0.2, 0.1)):
+                feature = pyramid[f"p{5 - level}"][starts[level]:starts[level + 1]]
+                u = model.predictors[level](model.head(montage_tiles(feature, 2 ** level)))
+                logits = F.normalize(u, dim=1) @ keys[1 - branch].T / 0.25
+                loss = loss + weight * 2 * 0.25 * F.cross_entropy(logits, tile_ids[branch][level])
+        loss.backward()
+        assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DenseSiam (segmentation mode, --task seg)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# 4 classes, 6 over-clustering classes: lambda1 = log 6 / log 24, lambda4 = log 4 / log 24; RegionSim from step 2.
+SEG_ARGS = ["--task", "seg", "--synthetic-size", "32", "--image-size", "32", "--batch-size", "8", "--fpn-dim", "16",
+            "--num-classes", "4", "--num-things", "2", "--num-aux-classes", "6", "--region-weight", "0.3",
+            "--region-start", "0.5", "--region-temperature", "0.2", "--crop-scale", "0.5,0.9", "--seg-weight", "0.6",
+            "--epochs", "1", "--base-lr", "8", "--weight-decay", "0.01", "--momentum", "0.8", "--eval-every", "0",
+            "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="class")
+def seg_run(tmp_path_factory):
+    def spy_colour(monkeypatch, recorder):  # seg mode draws no augment(): record the images it colours
+        color_augment, seen = common.color_augment, []
+
+        def colour(pixels, recipe, generator):  # called twice per step with the whole images
+            if not seen or seen[-1] is not pixels:
+                seen.append(pixels)
+                recorder.images.append(pixels.clone())
+                recorder.recipes.append([])
+            recorder.recipes[-1].append(recipe)
+            return color_augment(pixels, recipe, generator)
+
+        monkeypatch.setattr(common, "color_augment", colour)
+
+    yield from training_run(tmp_path_factory, densesiam, "SegDenseSiam", SEG_ARGS, GRADS_ONLY, patch=spy_colour)
+
+
+def seg_reference_grads(cfg, snapshot, pixels, step, with_region):
+    """Seg step by hand (Sec. 4, Eq. 8): two photometric copies of the whole image; view 1 = the shared crop,
+    view 2 = the whole image whose FPN map is cropped with the same box; per view main head z, p and aux head;
+    L = l1 PixSim_ce(main) + l4 PixSim_ce(aux) + l3 self-label(z) [+ l2 RegionSim on whole aligned maps]."""
+    model = densesiam.SegDenseSiam(cfg)
     model.load_state_dict(snapshot["online"])
-    target = mcl.MCL(cfg)
-    target.load_state_dict({**snapshot["online"], **snapshot["target"]})
-    images = recorder.images[2]
-    generator = common.step_generator(torch.device("cpu"), cfg.seed, 0, 2)
-    counts = [8, 2, 1, 1]
-    stacks, tile_ids = [], []
-    for recipe in common.BYOL_VIEWS:
-        recipe = dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0), interpolation="bilinear")
-        parts, ids = [], []
-        for level, count in enumerate(counts):
-            view = common.augment(images, recipe, 32, generator)[0]
-            if level == 0:
-                parts.append(view)
-                ids.append(torch.arange(8))
-            else:
-                montages, level_ids = mcl.assemble_montages(view, 2 ** level, count, generator)
-                parts.append(montages)
-                ids.append(level_ids)
-        stacks.append(torch.cat(parts))
-        tile_ids.append(ids)
-    assert [len(ids) for ids in tile_ids[0]] == [8, 8, 16, 64]
-    starts = [0, 8, 10, 11, 12]
-    keys = []
-    with torch.no_grad():
-        for stack in stacks:
-            pyramid = target.fpn(target.backbone(stack))
-            keys.append(F.normalize(target.head(pyramid["p5"][:8]), dim=1))    # level 0: one key per image
-    loss = 0.0
-    for branch, stack in enumerate(stacks):
-        pyramid = model.fpn(model.backbone(stack))
-        for level, weight in enumerate((0.4, 0.3, 0.2, 0.1)):
-            feature = pyramid[f"p{5 - level}"][starts[level]:starts[level + 1]]
-            u = model.predictors[level](model.head(montage_tiles(feature, 2 ** level)))
-            logits = F.normalize(u, dim=1) @ keys[1 - branch].T / 0.5
-            loss = loss + weight * 2 * 0.5 * F.cross_entropy(logits, tile_ids[branch][level])
+    generator = common.step_generator(torch.device("cpu"), cfg.seed, 0, step)
+    colour1 = common.color_augment(pixels, densesiam.SEG_PHOTOMETRIC, generator)
+    colour2 = common.color_augment(pixels, densesiam.SEG_PHOTOMETRIC, generator)
+    boxes, flips = densesiam.seg_crop_boxes(pixels.shape[0], 64, (0.5, 0.9), generator, pixels.device)
+    view1, view2 = densesiam.seg_views(colour1, colour2, boxes, flips, 32)
+    feats1 = model.decoder(model.backbone(view1))
+    feats2 = common.crop_resize(model.decoder(model.backbone(view2)), boxes, flips, feats1.shape[-1])
+    out = []
+    for feats in (feats1, feats2):
+        z, aux_z = model.projector(feats), model.aux_projector(feats)
+        masks = torch.softmax(z.flatten(2), dim=1)                                 # B x N x P
+        v = model.region_projector((masks @ feats.flatten(2).transpose(1, 2)).flatten(0, 1))
+        out.append(dict(z=z, p=model.predictor(z), aux_z=aux_z, aux_p=model.aux_predictor(aux_z),
+                        v=v.view(z.shape[0], z.shape[1], -1), u=model.region_predictor(v).view(z.shape[0], z.shape[1], -1)))
+    first, second = out
+    ce = lambda p, z: -(torch.softmax(z.detach(), dim=1) * torch.log_softmax(p, dim=1)).sum(dim=1)  # noqa: E731
+    pixsim = lambda key: (0.5 * ce(first[key + "p"], second[key + "z"])  # noqa: E731
+                          + 0.5 * ce(second[key + "p"], first[key + "z"])).flatten(1).mean(dim=1).mean()
+
+    def self_label(z):
+        labels = z.detach().argmax(dim=1)
+        frequency = torch.bincount(labels.flatten(), minlength=4).float() / labels.numel()
+        return F.cross_entropy(z, labels, weight=frequency, reduction="none").mean()
+
+    log4, log6 = math.log(4), math.log(6)
+    loss = log6 / (log4 + log6) * pixsim("") + log4 / (log4 + log6) * pixsim("aux_") \
+        + 0.6 * 0.5 * (self_label(first["z"]) + self_label(second["z"]))
+    if with_region:
+        def contrast(u, v):
+            logits = F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).transpose(1, 2) / 0.2
+            return -torch.diagonal(torch.log_softmax(logits, dim=-1), dim1=1, dim2=2).mean(dim=1)
+
+        loss = loss + 0.3 * (0.5 * contrast(first["u"], second["v"]) + 0.5 * contrast(second["u"], first["v"])).mean()
     loss.backward()
-    assert_grads_match(snapshot["grads"], {name: p.grad for name, p in model.named_parameters()})
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+class TestDenseSiamSeg:
+    """densesiam.py --task seg."""
+
+    def test_seg_constant_lr_sgd_on_every_parameter(self, seg_run):
+        _, recorder, _ = seg_run
+        for per_param in recorder.lrs:
+            for name, group in per_param.items():
+                assert group["lr"] == pytest.approx(8 * 8 / 256, rel=1e-12), name
+                assert group["kind"] == "SGD" and group["momentum"] == 0.8 and group["weight_decay"] == 0.01, name
+        assert len(recorder.lrs) == 4
+
+    @pytest.mark.parametrize("step", [1, 2])
+    def test_seg_step_gradients_match_a_hand_written_step(self, seg_run, step):
+        cfg, recorder, _ = seg_run
+        snapshot = recorder.snapshots[step]
+        assert recorder.recipes[step] == [densesiam.SEG_PHOTOMETRIC] * 2
+        expected = seg_reference_grads(cfg, snapshot, recorder.images[step], step, with_region=step >= 2)
+        assert_grads_match(snapshot["grads"], expected)
