@@ -786,6 +786,21 @@ def mcl_run(tmp_path_factory):
     yield from training_run(tmp_path_factory, mcl, "MCL", MCL_ARGS, EMA_THEN_GRADS)
 
 
+def montages_by_hand(views, ratio, count, generator):
+    """Alg. 1: a random permutation of the count * ratio^2 tile slots, modulo B, says which image
+    fills each slot; its view, shrunk by `ratio` (nearest), is pasted row-major into the
+    montages."""
+    batch, channels, size, _ = views.shape
+    tile_ids = torch.randperm(count * ratio * ratio, generator=generator) % batch
+    small = F.interpolate(views, scale_factor=1 / ratio, mode="nearest")
+    montages = torch.zeros(count, channels, size, size)
+    tile = size // ratio
+    for slot, image in enumerate(tile_ids.tolist()):
+        m, row, col = slot // ratio ** 2, slot % ratio ** 2 // ratio, slot % ratio
+        montages[m, :, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile] = small[image]
+    return montages, tile_ids
+
+
 def montage_tiles(feature, ratio):
     """M x C x (ratio k) x (ratio k) -> (M ratio^2) x C x k x k, tile (m, row, col) at m ratio^2 +
     row ratio + col."""
@@ -822,10 +837,10 @@ class TestMCL:
 
     def test_mcl_step_gradients_match_a_hand_written_step(self, mcl_run):
         """Step 2 by hand (mode a): branch q = BYOL view 1 recipe, branch k = view 2 recipe,
-        bilinear; each level of a branch its own view, levels > 0 as montages; online: level s tiles
-        from P(5-s), head, predictor s; target: the full images (level 0) of the OTHER branch,
-        l2-normalised, one key per image; loss = sum over branches and levels of w_s * 2T *
-        CE(cos(u, keys) / T, the tile's own image)."""
+        bilinear; each level of a branch its own view, levels > 0 as montages (tile ids = the
+        images pasted there); online: level s tiles from P(5-s), head, predictor s; target: the
+        full images (level 0) of the OTHER branch, l2-normalised, one key per image; loss = sum
+        over branches and levels of w_s * 2T * CE(cos(u, keys) / T, the tile's own image)."""
         cfg, recorder, _ = mcl_run
         snapshot = recorder.snapshots[2]
         model = mcl.MCL(cfg)
@@ -846,7 +861,7 @@ class TestMCL:
                     parts.append(view)
                     ids.append(torch.arange(8))
                 else:
-                    montages, level_ids = mcl.assemble_montages(view, 2 ** level, count, generator)
+                    montages, level_ids = montages_by_hand(view, 2 ** level, count, generator)
                     parts.append(montages)
                     ids.append(level_ids)
             stacks.append(torch.cat(parts))
