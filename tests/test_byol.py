@@ -83,6 +83,7 @@ def test_short_training_learns_view_invariance(tmp_path):
     assert trained_gap > 1.5 * random_gap > 0, (trained_gap, random_gap)
 
 
+@pytest.mark.all_threads
 def test_default_run_beats_random_init_on_knn(tmp_path):
     """The README's quick start, as is (about 4 minutes on 2 cores): `python byol.py` on the built-in data lifts the
     kNN top-1 of the frozen backbone clearly above its random-init value (measured: 66.4 -> 73.8 %)."""
