@@ -32,14 +32,6 @@ import mcl
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny bf16 steps run faster on one intra-op thread of the shared 2-core test machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------------------------------
 # One real train() call per method, on CUDA's dtype path

@@ -14,14 +14,6 @@ import mcl
 from ddp_runner import assert_same_parameters, run_two_processes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's 2 cores are shared: with 2 intra-op threads each tiny step ran 5-10x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Montage assembly (Alg. 1; official random_combine_img in openselfsup/models/mcl.py)

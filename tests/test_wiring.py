@@ -25,14 +25,6 @@ import lewel
 import mcl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny steps on 2 shared cores run several times faster with one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def clone_state(module):
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
