@@ -166,6 +166,8 @@ def check_common_config(cfg, world_size):
     check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
     check(cfg.stem in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, got {cfg.stem!r}")
     check(cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}")
+    check(not cfg.resume or (Path(cfg.out) / "last.pt").is_file(),  # before any data or model is built
+          f"--resume: checkpoint {Path(cfg.out) / 'last.pt'} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
