@@ -3,20 +3,34 @@
 A toolbox, not a framework: plain functions and small classes, no base classes to inherit, no registry, no hooks.
 Each section below is one topic; a method file imports what it needs and writes its own heads, losses and loop.
 
-Sections: config | distributed | backbone, heads, losses | augmentation | data | optimisation (LARS, schedules, EMA)
-          | checkpoints | logging | kNN monitor | dense labels and mIoU
+Sections: config | distributed and device | backbone, heads, losses (with dense matching)
+          | augmentation | data | optimisation (LARS, schedules, EMA) | checkpoints
+          | logging and timing | kNN monitor | dense labels and mIoU | pictures (--show)
+
+Config fields common.py reads by name, so a method's Config (or a copy of one) needs them:
+    data, val_data, synthetic_size, image_size, load_size, workers, gpu_decode, seed
+        (make_loaders, show_batch)
+    arch, stem, batch_size, base_lr, epochs, precision, resume, out
+        (check_common_config, should_resume)
+check_resume_compatible compares arch, stem, image_size, batch_size and epochs (or the keys it is
+given) with the checkpoint's; print_run_header prints every field. The other fields are the
+method file's own.
 """
 
 import argparse
 import dataclasses
 import datetime
+import inspect
+import io
 import json
 import math
 import os
 import signal
 import sys
 import tempfile
+import textwrap
 import time
+import tokenize
 from pathlib import Path
 
 import torch
@@ -74,40 +88,86 @@ def _auto(text):
     return text
 
 
-def _field_kind(field):
-    kind = field.type if isinstance(field.type, type) else _type_from_annotation(field.type)
-    return kind
+def field_comments(config_cls):
+    """{field name: the comment written after it in the class source}, the single source of --help.
+
+    A comment goes on over the comment-only lines below its field that are indented past the field
+    names; a comment-only line at the fields' own indentation (`# model`) heads the next group and
+    belongs to no field. {} when the class has no source file.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(config_cls))
+    except (OSError, TypeError):
+        return {}
+    names = {field.name for field in dataclasses.fields(config_cls)}
+    rows = {}  # source row -> its tokens (comments included, line breaks and indents left out)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            rows.setdefault(token.start[0], []).append(token)
+    comments, name, name_column = {}, None, 0
+    for tokens in rows.values():  # in source order
+        first, last = tokens[0], tokens[-1]
+        if len(tokens) > 2 and first.string in names and tokens[1].string == ":":
+            name, name_column = first.string, first.start[1]
+            if last.type == tokenize.COMMENT:
+                comments[name] = last.string.lstrip("#").strip()
+        elif len(tokens) == 1 and first.type == tokenize.COMMENT and first.start[1] > name_column \
+                and name in comments:
+            comments[name] += " " + first.string.lstrip("#").strip()
+        else:
+            name = None
+    return comments
 
 
-def _type_from_annotation(name):
-    """Dataclass annotations may be strings (from __future__ annotations): map the few names we use to types."""
-    base = str(name).split("[")[0].strip()
-    return {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple, "list": list}.get(base, str)
+def _flag_text(value):
+    """A default as it is typed after its flag: true/false, comma lists, "" for nothing."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return '""' if value == "" else str(value)
 
 
 def parse_config(config_cls, presets=None, argv=None):
     """Build a frozen config: dataclass defaults < --preset NAME < --config file.yaml < explicit --flags.
 
-    Every field `batch_size` becomes `--batch-size`; booleans also accept `--no-flag`; tuples are comma lists.
-    The returned dataclass is frozen: derived values get their own names in the code, the config is never rewritten.
+    Every field `batch_size` becomes `--batch-size`; booleans also accept `--no-flag`; tuples are
+    comma lists. --help shows each field's comment (field_comments) and default. The returned
+    dataclass is frozen: derived values get their own names in the code, the config is never
+    rewritten.
     """
     presets = presets or {}
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else None)
-    parser.add_argument("--preset", default=None, help=f"named recipe: {', '.join(presets) or 'none'}")
-    parser.add_argument("--config", default=None, help="YAML file of field: value pairs (applied after --preset)")
+    comments = field_comments(config_cls)
+    summary = (config_cls.__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(description=summary[0] if summary else None)
+    if presets:
+        parser.add_argument("--preset", default=None, metavar="NAME",
+                            help=f"a recipe from PRESETS, applied before --config and the flags: "
+                                 f"{', '.join(presets)}")
+    order = "after --preset and before the flags" if presets else "before the flags"
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help=f"file of field: value pairs, applied {order}")
     for name, field in fields.items():
-        kind = _field_kind(field)
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL")
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false")
+        default = _flag_text(field.default)
+        if field.default is True:
+            default += f"; --no-{flag[2:]} turns it off"
+        text = f"(default: {default})"
+        text = f"{comments[name]} {text}" if name in comments else text
+        text = text.replace("%", "%%")  # argparse %-formats help strings
+        if field.type is bool:
+            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None,
+                                metavar="BOOL", help=text)
+            parser.add_argument("--no-" + flag[2:], dest=name, action="store_const",
+                                const="false", help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=kind.__name__.upper())
+            metavar = "LIST" if field.type is tuple else field.type.__name__.upper()
+            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=text)
     args = parser.parse_args(argv)
 
     values = {}
-    if args.preset is not None:
+    if getattr(args, "preset", None) is not None:
         if args.preset not in presets:
             raise InputError(f"unknown preset {args.preset!r}; choose from {sorted(presets)}")
         values.update(presets[args.preset])
@@ -131,9 +191,9 @@ def parse_config(config_cls, presets=None, argv=None):
     for name, field in fields.items():
         text = getattr(args, name)
         if text is not None:
-            values[name] = _parse_value(text, _field_kind(field), name)
+            values[name] = _parse_value(text, field.type, name)
     for name, value in list(values.items()):  # YAML/preset values: coerce to the field's type
-        kind = _field_kind(fields[name])
+        kind = fields[name].type
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
         elif kind is tuple and not isinstance(value, tuple):
@@ -166,12 +226,14 @@ def check_common_config(cfg, world_size):
     check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
     check(cfg.stem in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, got {cfg.stem!r}")
     check(cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}")
+    check_precision(cfg.precision)
     check(not cfg.resume or (Path(cfg.out) / "last.pt").is_file(),  # before any data or model is built
           f"--resume: checkpoint {Path(cfg.out) / 'last.pt'} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Distributed: one launch path. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python x.py` is world size 1.
+# Distributed and device: one launch path. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain
+# `python x.py` is world size 1. device_setup: bf16 or fp32 (--precision).
 # ---------------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +310,58 @@ def setup_distributed(device=None):
     return _DIST
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # the values of every Config's `precision`
+
+
+def check_precision(precision):
+    check(precision in PRECISIONS,
+          f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def native_bf16_cpu():
+    """True on a CPU with bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles), where oneDNN runs
+    bf16 convolutions and matmuls natively. Elsewhere bf16 is emulated, slower than float32."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),  # absent from older torch
+              getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_precision(device, precision):
+    """What --precision means on `device`: "bf16" or "fp32". auto = bf16 on CUDA and on CPUs with
+    native bf16 (native_bf16_cpu), fp32 elsewhere."""
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or native_bf16_cpu() else "fp32"
+
+
+def device_setup(dist, precision="auto"):
+    """Device-side speed settings; returns (autocast dtype or None, memory format) for the loop.
+
+    bf16: forward passes under torch.autocast(bfloat16) on channels_last tensors; parameters,
+    gradients, optimiser state and losses stay float32. fp32: float32, contiguous. On CUDA, cuDNN
+    picks its fastest kernels, and float32 matmuls use TF32 except under --precision fp32.
+    """
+    chosen = resolve_precision(dist.device, precision)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = chosen == "bf16"
+        torch.backends.cudnn.allow_tf32 = chosen == "bf16"
+        torch.backends.cudnn.benchmark = True
+    if chosen == "bf16":
+        return torch.bfloat16, torch.channels_last
+    return None, torch.contiguous_format
+
+
+def describe_precision(device, precision):
+    """The run header's words: "fp32 (auto: no native bf16 on this CPU)", "bf16", ..."""
+    chosen = resolve_precision(device, precision)
+    if precision != "auto":
+        return chosen
+    if device.type == "cuda":
+        return f"{chosen} (auto: CUDA)"
+    return f"{chosen} (auto: {'native' if native_bf16_cpu() else 'no native'} bf16 on this CPU)"
+
+
 def cleanup_distributed():
     """Destroy the process group. Every main() calls this in its `finally`.
 
@@ -317,25 +431,17 @@ def all_gather_nograd(tensor):
     return torch.cat(parts)
 
 
-class _AllGatherGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor):
-        return all_gather_nograd(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank computed a loss on the full gathered batch: sum their gradients, keep our slice.
-        grad = grad.contiguous()
-        torch_dist.all_reduce(grad)
-        size = grad.shape[0] // torch_dist.get_world_size()
-        return grad[torch_dist.get_rank() * size:(torch_dist.get_rank() + 1) * size]
-
-
-def all_gather_grad(tensor):
-    """Concatenate `tensor` from every rank along dim 0; gradient flows back to this rank's slice."""
+def gather_ragged(tensor):
+    """Concatenate a tensor whose first dim may differ between ranks, in rank order (identity on
+    one process)."""
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return tensor
-    return _AllGatherGrad.apply(tensor)
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = all_gather_nograd(count).tolist()
+    padded = tensor.new_zeros((max(counts),) + tensor.shape[1:])
+    padded[:tensor.shape[0]] = tensor
+    gathered = all_gather_nograd(padded)
+    return torch.cat([gathered[i * max(counts):i * max(counts) + c] for i, c in enumerate(counts)])
 
 
 def all_reduce_mean(tensor):
@@ -412,6 +518,49 @@ def global_pool(feature_map):
     return feature_map.mean(dim=(2, 3))
 
 
+# ---- Dense matching (DenseBYOL, Ladder-DenseBYOL) ----
+# DenseCL-style correspondence between the feature maps of two views (Wang et al. 2021, Sec. 3.2;
+# Ladder Siamese Network Eq. 7 "align"): every position of view a regresses onto the position of
+# view b that looks most like it.
+
+@torch.no_grad()
+def dense_match(query, key, max_elements=2 ** 26):
+    """For every query position, the index of the key position with the highest cosine similarity.
+
+    query: B x C x H x W (view a), key: B x C x H' x W' (view b) -> idx: B x HW, in [0, H'W').
+    argmax has no gradient, so this runs under no_grad: it only decides which target vector each
+    position regresses onto. The B x HW x H'W' similarity is built a few images at a time (at most
+    `max_elements` entries, 256 MB in float32): at res2 of a 224 px view (56 x 56) one image alone
+    needs 3136^2 = 9.8 M entries.
+    """
+    with torch.autocast(query.device.type, enabled=False):  # bf16 merges near-ties (2^-8 near 1)
+        query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
+        key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
+        per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
+        return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk],
+                                       key[start:start + per_chunk]).argmax(dim=2)
+                          for start in range(0, query.shape[0], per_chunk)])  # B x HW
+
+
+def gather_positions(features, idx):
+    """Pick positions of a map: features B x C x H x W, idx B x N (flat indices into H x W)
+    -> B x C x N."""
+    flat = features.flatten(2)  # B x C x HW
+    return flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
+
+
+def dense_regression_loss(prediction, target, query, key):
+    """One direction of the DenseBYOL loss (Ladder Siamese Network Eq. 7). Range [0, 4].
+
+    mean over batch and positions (i, j) of 2 - 2 cos(prediction_ij, sg(target at the position
+    matched to ij)). prediction: B x D x H x W (online prediction of view a); target:
+    B x D x H' x W' (target projection of view b); query: B x C x H x W and key: B x C x H' x W',
+    the maps of views a and b the matching is computed on.
+    """
+    aligned = gather_positions(target, dense_match(query, key))  # B x D x HW
+    return regression_loss(prediction.flatten(2), aligned)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Augmentation: per-sample parameters, batched on the model's device. uint8 in, normalised float out.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,8 +617,8 @@ def crop_resize(images, boxes, flips, out_size, interpolation="bilinear"):
     column j samples x = x0 + (j + 0.5) / S * (x1 - x0) of the input, in [0, 1] coordinates of the whole image.
     The map is axis-aligned, hence separable: view_b = rows_b @ image_b @ cols_b^T with per-sample S x H and S x W
     interpolation matrices. On CPU two batched matmuls do it (~1.5x faster than grid_sample on one thread, 64 px).
-    NOTE: on CUDA we keep grid_sample: it is fast there, and cuda_setup turns on TF32 matmuls, which would round the
-    pixels to 10-bit mantissas (errors up to ~1e-3 instead of ~1e-6).
+    NOTE: on CUDA we keep grid_sample: it is fast there, and device_setup turns on TF32 matmuls,
+    which would round the pixels to 10-bit mantissas (errors up to ~1e-3 instead of ~1e-6).
     NOTE: no anti-aliasing when a crop is shrunk (torchvision's PIL path anti-aliases). Crops are mostly enlarged
     (scale < 1 of a load size close to the output size), where the two agree.
     Geometry and sampling run in float32 (float64 for float64 input) with autocast off, on every
@@ -1345,7 +1494,7 @@ def check_finite(step, terms, checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Logging: tqdm on rank 0, JSON lines, resolved config
+# Logging and timing: tqdm on rank 0, JSON lines, resolved config, images/s and data wait
 # ---------------------------------------------------------------------------------------------------------------------
 
 class MetricsLog:
@@ -1368,21 +1517,47 @@ def progress(iterable, enabled, **kwargs):
 
 
 def print_run_header(name, cfg, dist, extra=None):
-    print0(f"{name}: torch {torch.__version__}, device {dist.device}, world size {dist.world_size}")
+    print0(f"{name}: torch {torch.__version__}, device {dist.device}, world size "
+           f"{dist.world_size}, precision {describe_precision(dist.device, cfg.precision)}")
     for key, value in config_dict(cfg).items():
         print0(f"  {key:<22} {value}")
     for key, value in (extra or {}).items():
         print0(f"  {key:<22} {value}  (derived)")
 
 
-def cuda_setup(dist):
-    """Device-side speed settings: TF32 matmuls on CUDA; returns (autocast dtype or None, memory format)."""
-    if dist.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        return torch.bfloat16, torch.channels_last
-    return None, torch.contiguous_format
+class Timer:
+    """images/s and the fraction of time spent waiting for data (see timed), over a window; syncs
+    CUDA only when read."""
+
+    def __init__(self, device):
+        self.device, self.start = device, time.perf_counter()
+        self.images, self.data_seconds = 0, 0.0
+
+    def add(self, images):
+        self.images += images
+
+    def rate(self):
+        """Returns (images per second, data-wait fraction) since the last call."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        result = (self.images / elapsed, self.data_seconds / elapsed)
+        self.start, self.images, self.data_seconds = now, 0, 0.0
+        return result
+
+
+def timed(loader, timer):
+    """Wrap a loader so that the time spent waiting for the next batch is counted as data wait."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        timer.data_seconds += time.perf_counter() - start
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1411,18 +1586,6 @@ def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=
     backbone.train(was_training)
     features, labels = torch.cat(features), torch.cat(labels)
     return gather_ragged(features), gather_ragged(labels)
-
-
-def gather_ragged(tensor):
-    """Concatenate a tensor whose first dim may differ between ranks, in rank order (identity on one process)."""
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
-        return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = all_gather_nograd(count).tolist()
-    padded = torch.zeros((max(counts),) + tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
-    padded[:tensor.shape[0]] = tensor
-    gathered = all_gather_nograd(padded)
-    return torch.cat([gathered[i * max(counts):i * max(counts) + c] for i, c in enumerate(counts)])
 
 
 @torch.no_grad()
@@ -1454,26 +1617,6 @@ def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=N
     bank, bank_labels = extract_features(backbone, train_loader, image_size, "res5", autocast_dtype, memory_format)
     queries, query_labels = extract_features(backbone, val_loader, image_size, "res5", autocast_dtype, memory_format)
     return knn_accuracy(bank, bank_labels, queries, query_labels)
-
-
-class Timer:
-    """images/s and the fraction of time spent waiting for data, over a window; syncs CUDA only when read."""
-
-    def __init__(self, device):
-        self.device, self.start, self.images, self.data_seconds = device, time.perf_counter(), 0, 0.0
-
-    def add(self, images):
-        self.images += images
-
-    def rate(self):
-        """Returns (images per second, data-wait fraction) since the last call."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        elapsed = max(now - self.start, 1e-9)
-        result = (self.images / elapsed, self.data_seconds / elapsed)
-        self.start, self.images, self.data_seconds = now, 0, 0.0
-        return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1670,147 +1813,6 @@ def segmentation_iou(confusion):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Benchmark: `python <method>.py --benchmark` (loader, augmentation, device step, end to end; numbers are printed,
-# never asserted)
-# ---------------------------------------------------------------------------------------------------------------------
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for the model-FLOP utilisation estimate
-
-
-def timed(loader, timer):
-    """Wrap a loader so that the time spent waiting for the next batch is counted as data wait."""
-    iterator = iter(loader)
-    while True:
-        start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        timer.data_seconds += time.perf_counter() - start
-        yield batch
-
-
-def _median_rate(fn, images_per_call, warmup, windows, calls_per_window, device):
-    for _ in range(warmup):
-        fn()
-    rates = []
-    for _ in range(windows):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls_per_window):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates.append(images_per_call * calls_per_window / (time.perf_counter() - start))
-    return sorted(rates)[len(rates) // 2]
-
-
-def torchvision_pipeline(recipe, size):
-    """The per-sample torchvision pipeline equivalent to `recipe` (what DataLoader workers would run per image)."""
-    import torchvision.transforms.v2 as T
-
-    mode = T.InterpolationMode.BICUBIC if recipe.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    b, c, s, h = recipe.jitter
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, interpolation=mode, antialias=True),
-        T.RandomHorizontalFlip(recipe.flip_p),
-        T.RandomApply([T.ColorJitter(b, c, s, h)], p=recipe.jitter_p),
-        T.RandomGrayscale(recipe.gray_p),
-        T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=recipe.blur_sigma)], p=recipe.blur_p),
-        T.RandomSolarize(128, p=recipe.solarize_p),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5):
-    """Time one method: loader alone, augmentation alone (ours vs torchvision per sample), device step, end to end.
-
-    train_fn(cfg, dist) is the method's own train(); it runs on a derived config (device-resident synthetic data for
-    the device step, the configured data for end to end) for warmup + steps steps with no kNN. Prints one table.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = dist.device
-    per_rank = cfg.batch_size // dist.world_size
-    out = Path(cfg.out) / "benchmark"
-    results = {}
-    # (1) loader alone
-    loader = make_loaders(cfg, dist)[0]
-    start, count = time.perf_counter(), 0
-    for index, (images, _) in enumerate(loader):
-        if index == warmup:
-            start, count = time.perf_counter(), 0
-        count += images.shape[0]
-        if index >= warmup + steps:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    results["loader alone"] = count / max(time.perf_counter() - start, 1e-9)
-    # (2) augmentation alone: two BYOL views per image, batched on the device vs torchvision per sample
-    images = next(iter(loader))[0]
-    generator = torch.Generator(device=device).manual_seed(0)
-    two_views = lambda: [augment(images, recipe, cfg.image_size, generator) for recipe in BYOL_VIEWS]
-    compile_colour_ops(cfg.compile)  # --compile: the compiled jitter ops (compiled during the warm-up calls)
-    results["augmentation, batched (ours)"] = _median_rate(two_views, images.shape[0], 2, 5, 2, device)
-    pipelines = [torchvision_pipeline(recipe, cfg.image_size) for recipe in BYOL_VIEWS]
-    cpu_images = images[:min(64, images.shape[0])].cpu()
-    per_sample = lambda: [pipe(image) for image in cpu_images for pipe in pipelines]
-    results["augmentation, torchvision per sample (1 process)"] = _median_rate(per_sample, cpu_images.shape[0], 1, 3,
-                                                                               1, torch.device("cpu"))
-    # (3) device step on device-resident synthetic data (augmentation included), (4) end to end on cfg.data:
-    # the method's own loop, logging every `window` steps; the first window (warm-up, compile) is dropped.
-    window = 5
-    base = dict(knn_every=0, log_every=window, ckpt_every_steps=0, keep_every=0, resume=False,
-                stop_after=window * (1 + max(steps // window, 1)))
-    runs = [("device step (synthetic data on device)",
-             dict(data="synthetic", synthetic_size=max(per_rank * dist.world_size * (base["stop_after"] + 1), 256)))]
-    if cfg.data != "synthetic":
-        runs.append((f"end to end ({cfg.data})", {}))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for label, change in runs:
-        run_cfg = dataclasses.replace(cfg, out=str(out), **base, **change)
-        metrics = out / "metrics.jsonl"
-        if is_main() and metrics.exists():
-            metrics.unlink()
-        barrier()
-        train_fn(run_cfg, dist)
-        if is_main():
-            records = [json.loads(line) for line in open(metrics) if "images_per_s" in line][1:]
-            rates = sorted(record["images_per_s"] for record in records)
-            results[label] = rates[len(rates) // 2]
-            results[f"  data-wait fraction, {label.split(' (')[0]}"] = sorted(r["data_wait"] for r in records)[len(records) // 2]
-    if device.type == "cuda":
-        results["peak memory (GiB)"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    else:
-        import resource
-
-        results["peak memory (GiB, process RSS)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    # model FLOPs per image from one counted step
-    flop_cfg = dataclasses.replace(cfg, out=str(out), data="synthetic", **dict(base, stop_after=1),
-                                   synthetic_size=max(per_rank * dist.world_size, 256))
-    with FlopCounterMode(display=False) as counter:
-        train_fn(flop_cfg, dist)
-    flops_per_image = counter.get_total_flops() / per_rank
-    results["GFLOP per image (counted, one step)"] = flops_per_image / 1e9
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
-    step_rate = results.get("device step (synthetic data on device)", 0.0) / dist.world_size
-    if peak:
-        results["model-FLOP utilisation (device step)"] = flops_per_image * step_rate / (peak * 1e12)
-    print0(f"\nbenchmark: {name} x{dist.world_size}, {cfg.arch}/{cfg.stem}, {cfg.image_size} px, global batch "
-           f"{cfg.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for key, value in results.items():
-        unit = "" if ("GiB" in key or "GFLOP" in key or "utilisation" in key or "fraction" in key) else " images/s"
-        print0(f"  {key:<52} {value:12.2f}{unit}")
-    ratio = results["augmentation, batched (ours)"] / results["augmentation, torchvision per sample (1 process)"]
-    print0(f"  {'augmentation speed-up (batched / per sample)':<52} {ratio:12.2f}x")
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Pictures: `python <method>.py --show` writes <out>/show.png, what the method does on one batch.
 # The method file's show() picks what to draw; these helpers draw it (torchvision.utils on uint8
 # 3 x H x W pictures, no matplotlib). Points and boxes are in augment's coordinates: (x, y) in
@@ -1949,44 +1951,3 @@ def save_picture(rows, path, caption):
         picture.quantize(256).save(path, format="PNG", optimize=True)
         print0(f"wrote {path}\n{caption}")
     return str(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ---- Dense matching (DenseBYOL, Ladder-DenseBYOL) ----
-# DenseCL-style correspondence between the feature maps of two views (Wang et al. 2021, Sec. 3.2; Ladder Siamese
-# Network Eq. 7 "align"): every position of view a regresses onto the position of view b that looks most like it.
-# ---------------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def dense_match(query, key, max_elements=2 ** 26):
-    """For every query position, the index of the key position with the highest cosine similarity.
-
-    query: B x C x H x W (view a), key: B x C x H' x W' (view b)  ->  idx: B x HW, values in [0, H'W').
-    argmax has no gradient, so this runs under no_grad: it only decides which target vector each position regresses
-    onto. The B x HW x H'W' similarity is built a few images at a time (at most `max_elements` entries, 256 MB in
-    float32): at res2 of a 224 px view (56 x 56) one image alone needs 3136^2 = 9.8 M entries.
-    """
-    with torch.autocast(query.device.type, enabled=False):  # bf16 would merge near-ties (2^-8 near 1)
-        query = F.normalize(query.flatten(2).float(), dim=1)  # B x C x HW
-        key = F.normalize(key.flatten(2).float(), dim=1)  # B x C x H'W'
-        per_chunk = max(1, max_elements // (query.shape[2] * key.shape[2]))
-        return torch.cat([torch.einsum("bcq,bck->bqk", query[start:start + per_chunk],
-                                       key[start:start + per_chunk]).argmax(dim=2)
-                          for start in range(0, query.shape[0], per_chunk)])  # B x HW
-
-
-def gather_positions(features, idx):
-    """Pick positions of a map: features B x C x H x W, idx B x N (flat indices into H x W)  ->  B x C x N."""
-    flat = features.flatten(2)  # B x C x HW
-    return flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
-
-
-def dense_regression_loss(prediction, target, query, key):
-    """One direction of the DenseBYOL loss (Ladder Siamese Network Eq. 7). Range [0, 4].
-
-    mean over batch and positions (i, j) of 2 - 2 cos(prediction_ij, sg(target at the position matched to ij)).
-    prediction: B x D x H x W (online prediction of view a); target: B x D x H' x W' (target projection of view b);
-    query: B x C x H x W and key: B x C x H' x W', the maps of views a and b the matching is computed on.
-    """
-    aligned = gather_positions(target, dense_match(query, key))  # B x D x HW
-    return regression_loss(prediction.flatten(2), aligned)

@@ -86,8 +86,9 @@ class Config:
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
+    precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                     # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the online and target networks
-    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
     show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
@@ -103,6 +104,15 @@ PRESETS = {
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
                     base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
 }
+
+
+def check_config(cfg, world_size):
+    """What main() checks before any data or model is built: the common checks and DenseBYOL's."""
+    common.check_common_config(cfg, world_size)
+    common.check(0 <= cfg.dense_weight <= 1,
+                 f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
+    common.check(cfg.match_on in ("projection", "backbone"),
+                 f"--match-on must be projection or backbone, got {cfg.match_on!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,7 +180,7 @@ def dense_byol_loss(predictions, targets, dense_weight):
 def train(cfg, dist):
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
     train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
@@ -320,12 +330,7 @@ def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
-        common.check_common_config(cfg, dist.world_size)
-        common.check(0 <= cfg.dense_weight <= 1, f"--dense-weight must be in [0, 1], got {cfg.dense_weight}")
-        common.check(cfg.match_on in ("projection", "backbone"),
-                     f"--match-on must be projection or backbone, got {cfg.match_on!r}")
-        if cfg.benchmark:
-            return common.run_benchmark(train, cfg, dist)
+        check_config(cfg, dist.world_size)
         if cfg.show:
             return show(cfg, dist)
         return train(cfg, dist)

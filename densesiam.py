@@ -98,8 +98,9 @@ class Config:
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
+    precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                     # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the model
-    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
     show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
@@ -168,6 +169,7 @@ class SegConfig:
     keep_every: int = 0
     stop_after: int = 0
     device: str = ""
+    precision: str = "auto"          # auto | bf16 | fp32 (as --task pretrain)
     compile: bool = False
 
 
@@ -189,6 +191,60 @@ SEG_PRESETS = {
 # blur, so it is |U(-1.8, 0.1)| <= 1.8 px; we draw the config's [0.1, 2] px.
 SEG_PHOTOMETRIC = common.ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2,
                                     blur_p=0.5, blur_sigma=(0.1 * 224 / 640, 2.0 * 224 / 640))
+
+
+def check_config(cfg, world_size):
+    """What main() checks before any data or model is built: the common checks and DenseSiam's
+    (both tasks)."""
+    common.check_common_config(cfg, world_size)
+    common.check(cfg.dense_loss in DISTANCES,
+                 f"--dense-loss must be one of {sorted(DISTANCES)}, got {cfg.dense_loss!r}")
+    common.check(0.0 <= cfg.region_start <= 1.0,
+                 f"--region-start is a fraction of training, got {cfg.region_start}")
+    common.check(cfg.region_weight >= 0, f"--region-weight must be >= 0, got {cfg.region_weight}")
+    common.check(cfg.region_temperature > 0,
+                 f"--region-temperature must be positive, got {cfg.region_temperature}")
+    if cfg.task == "seg":
+        common.check(cfg.num_classes >= 2 and 0 <= cfg.num_things < cfg.num_classes,
+                     f"need --num-classes >= 2 and 0 <= --num-things < --num-classes, got "
+                     f"{cfg.num_classes} and {cfg.num_things}")
+        common.check(cfg.num_aux_classes >= 2,
+                     f"--num-aux-classes must be >= 2, got {cfg.num_aux_classes}")
+        common.check(len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
+                     f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+        common.check(cfg.image_size % 32 == 0,
+                     f"--image-size must be a multiple of 32 (FPN), got {cfg.image_size}")
+        common.check(not cfg.init or Path(cfg.init).is_file(), f"--init {cfg.init}: no such file")
+        common.check(cfg.init or not cfg.require_init,
+                     "--init is required (--require-init, on in --preset cocostuff27): the paper "
+                     "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
+                     "resnet18_imagenet.pth, or --no-require-init to train from random weights")
+    else:
+        common.check(cfg.grid_size >= 1, f"--grid-size must be >= 1, got {cfg.grid_size}")
+
+
+def task_of(argv):
+    """The --task given on the command line (it picks which config class parses the rest)."""
+    for index, arg in enumerate(argv):
+        if arg == "--task" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return "pretrain"
+
+
+def parse_config(argv):
+    """--task on the command line picks the config class (Config or SegConfig) that parses the
+    other flags."""
+    task = task_of(argv)
+    if task not in ("pretrain", "seg"):
+        raise InputError(f"--task must be pretrain or seg, got {task!r}")
+    config_cls, presets = (SegConfig, SEG_PRESETS) if task == "seg" else (Config, PRESETS)
+    cfg = common.parse_config(config_cls, presets, argv)
+    if cfg.task != task:
+        raise InputError(f"task {cfg.task!r} came from a preset or --config file; give --task "
+                         f"{cfg.task} on the command line instead (it selects the config)")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -443,7 +499,7 @@ def antialiased_crop_resize(images, boxes, flips, size):
     (PIL's bilinear resize does the same).
 
     Separable: out_b = rows_b @ image_b @ cols_b^T (_antialias_weights), no per-image loop or sync.
-    NOTE: on CUDA, cuda_setup's TF32 matmuls round pixels by up to ~1e-3 (1/4 of a uint8 step)."""
+    NOTE: on CUDA, device_setup's TF32 matmuls round pixels by up to ~1e-3 (1/4 of a uint8 step)."""
     batch, channels, height, width = images.shape
     x0, y0, x1, y1 = boxes.float().unbind(dim=1)
     rows = _antialias_weights(y0, y1, torch.zeros_like(flips), height, size)   # B x S x H
@@ -817,7 +873,7 @@ def evaluate_segmentation(model, loader, num_classes, num_things, eval_size, aut
 def train(cfg, dist):
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
     train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
@@ -941,7 +997,7 @@ def train(cfg, dist):
 def train_seg(cfg, dist):
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
     load_size = cfg.load_size or 2 * cfg.image_size
@@ -1055,53 +1111,6 @@ def train_seg(cfg, dist):
     return dict(model=model, step=step, scores=scores)
 
 
-def check_config(cfg, world_size):
-    """Method-specific checks on top of common.check_common_config (one clear line per problem)."""
-    common.check_common_config(cfg, world_size)
-    common.check(cfg.dense_loss in DISTANCES, f"--dense-loss must be one of {sorted(DISTANCES)}, got {cfg.dense_loss!r}")
-    common.check(0.0 <= cfg.region_start <= 1.0, f"--region-start is a fraction of training, got {cfg.region_start}")
-    common.check(cfg.region_weight >= 0, f"--region-weight must be >= 0, got {cfg.region_weight}")
-    common.check(cfg.region_temperature > 0, f"--region-temperature must be positive, got {cfg.region_temperature}")
-    if cfg.task == "seg":
-        common.check(cfg.num_classes >= 2 and 0 <= cfg.num_things < cfg.num_classes,
-                     f"need --num-classes >= 2 and 0 <= --num-things < --num-classes, got {cfg.num_classes} and "
-                     f"{cfg.num_things}")
-        common.check(cfg.num_aux_classes >= 2, f"--num-aux-classes must be >= 2, got {cfg.num_aux_classes}")
-        common.check(len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
-                     f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {cfg.crop_scale}")
-        common.check(cfg.image_size % 32 == 0, f"--image-size must be a multiple of 32 (FPN), got {cfg.image_size}")
-        common.check(not cfg.init or Path(cfg.init).is_file(), f"--init {cfg.init}: no such file")
-        common.check(cfg.init or not cfg.require_init,
-                     "--init is required (--require-init, on in --preset cocostuff27): the paper "
-                     "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
-                     "resnet18_imagenet.pth, or --no-require-init to train from random weights")
-    else:
-        common.check(cfg.grid_size >= 1, f"--grid-size must be >= 1, got {cfg.grid_size}")
-
-
-def task_of(argv):
-    """The --task given on the command line (it picks which config class parses the rest)."""
-    for index, arg in enumerate(argv):
-        if arg == "--task" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--task="):
-            return arg.split("=", 1)[1]
-    return "pretrain"
-
-
-def parse_config(argv):
-    """--task on the command line picks the config class (Config or SegConfig) that parses the other flags."""
-    task = task_of(argv)
-    if task not in ("pretrain", "seg"):
-        raise InputError(f"--task must be pretrain or seg, got {task!r}")
-    config_cls, presets = (SegConfig, SEG_PRESETS) if task == "seg" else (Config, PRESETS)
-    cfg = common.parse_config(config_cls, presets, argv)
-    if cfg.task != task:
-        raise InputError(f"task {cfg.task!r} came from a preset or --config file; give --task {cfg.task} on the "
-                         f"command line instead (it selects the config)")
-    return cfg
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Show
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1140,8 +1149,6 @@ def main(argv=None):
         cfg = parse_config(argv)
         dist = common.setup_distributed(cfg.device or None)
         check_config(cfg, dist.world_size)
-        if cfg.task == "pretrain" and cfg.benchmark:
-            return common.run_benchmark(train, cfg, dist)
         if cfg.task == "pretrain" and cfg.show:
             return show(cfg, dist)
         return train_seg(cfg, dist) if cfg.task == "seg" else train(cfg, dist)

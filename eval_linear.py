@@ -83,10 +83,10 @@ class Config:
     probe_lr: float = 0.0             # 0 = the protocol's lr (byol: best of its grid, held out)
     probe_batch_size: int = 0         # 0 = the protocol's global batch
     batch_size: int = 256             # global batch of feature extraction (kNN, fast cache, views)
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = 200                  # neighbours of the weighted kNN (InstDisc: 200)
+    knn_t: float = 0.1                # its temperature (InstDisc: 0.1)
     seed: int = 0
-    workers: int = 8
+    workers: int = 8                  # DataLoader workers per process (folder data only)
     view_distance: bool = False       # instead of kNN/probe: two-view GAP-feature distances per stage (Ladder Fig. 3)
     view_crop_min_scale: float = 0.0  # crop scale (lo, 1) of those views; 0 = the checkpoint's crop_min_scale (or 0.08)
     export: str = ""                  # write the backbone as a torchvision ResNet state_dict to this path; for MCL also
@@ -100,7 +100,9 @@ class Config:
     dense_classes: int = 0            # 0 = from the data (built in 3, VOC 21, else max label + 1)
     report: str = ""                  # write every metric as Markdown tables to this file (+ PNG
                                       # charts beside it when matplotlib is installed)
-    device: str = ""
+    device: str = ""                  # "" = cuda if available else cpu
+    precision: str = "auto"           # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                      # native bf16 (avx512_bf16/AMX), fp32 elsewhere
 
 
 def load_backbone(path, random_init=False):
@@ -823,7 +825,7 @@ def image_labelled(data):
 
 
 def evaluate(cfg, dist):
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     allowed = STAGE_NAMES + (DENSE_ONLY_STAGES if cfg.dense else ())
     for stage in cfg.stage:
         dense_only = "" if cfg.dense else f" ({', '.join(DENSE_ONLY_STAGES)}: with --dense)"

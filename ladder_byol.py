@@ -109,8 +109,9 @@ class Config:
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
+    precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                     # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the online and target networks
-    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
     show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
@@ -150,7 +151,9 @@ def stage_weights(cfg):
     return dict(zip(STAGES, values))
 
 
-def check_ladder_config(cfg):
+def check_config(cfg, world_size):
+    """What main() checks before any data or model is built: the common checks and the ladder's."""
+    common.check_common_config(cfg, world_size)
     weights = stage_weights(cfg)
     common.check(all(value >= 0 for value in weights.values()), f"--weights must be >= 0, got {weights}")
     common.check(weights["res5"] > 0, "--weights: the final res5 loss is always on (Eq. 4); give it a weight > 0")
@@ -291,7 +294,7 @@ def ladder_loss(predictions, targets, weights, dense_weight):
 def train(cfg, dist):
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
     train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
@@ -452,10 +455,7 @@ def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
-        common.check_common_config(cfg, dist.world_size)
-        check_ladder_config(cfg)
-        if cfg.benchmark:
-            return common.run_benchmark(train, cfg, dist)
+        check_config(cfg, dist.world_size)
         if cfg.show:
             return show(cfg, dist)
         return train(cfg, dist)

@@ -100,8 +100,9 @@ class Config:
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
+    precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                     # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the online and target networks
-    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
     show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
@@ -162,6 +163,7 @@ MOCO_VIEWS = (common.MOCO_V2_VIEW, common.MOCO_V2_VIEW)
 
 
 def check_config(cfg, world_size):
+    """What main() checks before any data or model is built: the common checks and LEWEL's."""
     common.check_common_config(cfg, world_size)
     common.check(cfg.variant in ("byol", "moco"), f"--variant must be byol or moco, got {cfg.variant!r}")
     channels = 2048 if cfg.arch == "resnet50" else 512
@@ -397,7 +399,7 @@ def lewel_m_total(embeddings, keys, negatives, first_index, beta, tau):
 def train(cfg, dist):
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
     train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
@@ -583,8 +585,6 @@ def main(argv=None):
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
         check_config(cfg, dist.world_size)
-        if cfg.benchmark:
-            return common.run_benchmark(train, cfg, dist)
         if cfg.show:
             return show(cfg, dist)
         return train(cfg, dist)

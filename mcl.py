@@ -100,8 +100,9 @@ class Config:
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
     stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
+    precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                     # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the online and target networks
-    benchmark: bool = False          # time loader, augmentation, device step and end to end, then exit (no training)
     show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
 
 
@@ -127,8 +128,9 @@ PRESETS = {
 P5_STRIDE = {"imagenet": 32, "cifar": 8}  # stride of res5 / P5 for each ResNetTrunk stem
 
 
-def check_mcl_config(cfg):
-    """MCL-only checks (one line each); check_common_config covers the shared fields."""
+def check_config(cfg, world_size):
+    """What main() checks before any data or model is built: the common checks and MCL's."""
+    common.check_common_config(cfg, world_size)
     levels = len(cfg.level_weights)
     common.check(cfg.mode in ("a", "b", "c", "d"), f"--mode must be a, b, c or d, got {cfg.mode!r}")
     common.check(1 <= levels <= 4, f"--level-weights: 1 to 4 levels (P5..P2), got {levels}")
@@ -464,7 +466,7 @@ def target_keys(target_embeddings, tile_ids, batch):
 def train(cfg, dist):
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
     train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
@@ -642,10 +644,7 @@ def main(argv=None):
     try:
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
-        common.check_common_config(cfg, dist.world_size)
-        check_mcl_config(cfg)
-        if cfg.benchmark:
-            return common.run_benchmark(train, cfg, dist)
+        check_config(cfg, dist.world_size)
         if cfg.show:
             return show(cfg, dist)
         return train(cfg, dist)

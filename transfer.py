@@ -83,8 +83,10 @@ class Config:
     detector: str = "maskrcnn_resnet50_fpn"  # one of DETECTORS
     num_classes: int = 91             # including background; torchvision's COCO models use 91
     seed: int = 0
-    workers: int = 8
-    device: str = ""
+    workers: int = 8                  # DataLoader workers per process (folder data only)
+    device: str = ""                  # "" = cuda if available else cpu
+    precision: str = "auto"           # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
+                                      # native bf16 (avx512_bf16/AMX), fp32 elsewhere
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def top_accuracy(model, loader, image_size, dist, autocast_dtype=None,
 
 def finetune(cfg, dist):
     """Fine-tune backbone + classifier on the subset; returns dict(top1, top5, images, lrs)."""
-    autocast_dtype, memory_format = common.cuda_setup(dist)
+    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     common.check(cfg.label_fraction in SEMI_LRS,
                  f"--label-fraction must be one of {', '.join(SEMI_LRS)}, "
                  f"got {cfg.label_fraction!r}")

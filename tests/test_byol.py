@@ -10,6 +10,7 @@ import torch
 
 import byol
 import common
+import eval_linear
 from ddp_runner import ROOT, assert_same_parameters, run_two_processes
 
 TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16", "--hidden-dim", "64", "--proj-dim", "32",
@@ -44,10 +45,18 @@ def _weights(path):
 
 
 def test_resume_reaches_the_same_weights_bitwise(tmp_path):
+    """Also from a checkpoint whose saved config is an older one: a field since removed
+    ("benchmark"), none for a field since added ("precision"); eval_linear reads it too."""
     args = TINY + ["--device", "cpu", "--batch-size", "8"]  # 8 steps in the epoch
     byol.main(args + ["--out", str(tmp_path / "straight")])
     byol.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "3"])
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 3
+    state = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert state["step"] == 3
+    del state["config"]["precision"]
+    state["config"]["benchmark"] = False
+    common.save_checkpoint(state, tmp_path / "resumed" / "last.pt")
+    backbone, _ = eval_linear.load_backbone(tmp_path / "resumed" / "last.pt")
+    assert torch.equal(backbone.conv1.weight, state["model"]["backbone.conv1.weight"])
     byol.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
     straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "resumed" / "last.pt")
     assert straight.keys() == resumed.keys()

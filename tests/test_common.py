@@ -449,6 +449,102 @@ def test_parse_config_precedence(tmp_path):
         common.parse_config(_Cfg, presets, ["--batch-size", "many"])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Documented:
+    """A config whose comments are its --help."""
+    # data
+    size: int = 32              # px of a view; 90 % of the paper's
+    mark: str = "#1"            # a default with a hash in it
+    # model
+    width: float = 0.5          # hidden width, as a fraction
+                                # of the input width
+    stages: tuple = ("res2", "res5")
+    # run
+    sync: bool = True           # SyncBN
+    name: str = ""              # "" = none
+
+
+def help_text(config_cls, presets, capsys):
+    """--help of parse_config, whitespace collapsed (argparse wraps it to the terminal's width)."""
+    with pytest.raises(SystemExit) as stop:
+        common.parse_config(config_cls, presets, ["--help"])
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_each_fields_comment_and_default(capsys):
+    """The comment after a field (and its comment-only continuation lines, not a `# group` line
+    at the fields' indentation) and the default, as typed on the command line."""
+    assert common.field_comments(_Documented) == {
+        "size": "px of a view; 90 % of the paper's", "mark": "a default with a hash in it",
+        "width": "hidden width, as a fraction of the input width", "sync": "SyncBN",
+        "name": '"" = none'}
+    text = help_text(_Documented, {"small": {}, "big": {}}, capsys)
+    for shown in ("--size INT px of a view; 90 % of the paper's (default: 32)",
+                  "--mark STR a default with a hash in it (default: #1)",
+                  "--width FLOAT hidden width, as a fraction of the input width (default: 0.5)",
+                  "--stages LIST (default: res2,res5)",
+                  "--sync [BOOL] SyncBN (default: true; --no-sync turns it off)",
+                  '--name STR "" = none (default: "")',
+                  "--preset NAME a recipe from PRESETS, applied before --config and the flags: "
+                  "small, big"):
+        assert shown in text, shown
+    assert "--preset" not in help_text(_Documented, {}, capsys)  # nothing to choose from
+
+
+def test_byol_help_reads_the_config_comments(capsys):
+    """`python byol.py --help`: tau_base's comment as written in byol.py (read here line by line,
+    not by tokens) and its default."""
+    import byol
+
+    line = next(line for line in open(byol.__file__) if line.startswith("    tau_base:"))
+    comment = line.split("#", 1)[1].strip()
+    with pytest.raises(SystemExit):
+        byol.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--tau-base FLOAT {comment} (default: {byol.Config.tau_base})" in text
+    assert "initial target momentum" in comment
+    assert "--preset NAME" in text and all(name in text for name in byol.PRESETS)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, chosen", [
+    (False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16"), (None, None, "fp32")])
+def test_precision_auto_follows_the_cpu(monkeypatch, capsys, avx512_bf16, amx, chosen):
+    """auto: bf16 on a CPU with AVX512-BF16 or AMX, fp32 without (None: torch too old to tell);
+    bf16 and fp32 are what they say on any CPU. bf16 = autocast dtype and channels_last."""
+    probes = {"_is_avx512_bf16_supported": avx512_bf16, "_is_amx_tile_supported": amx}
+    for probe, native in probes.items():
+        if native is None:
+            monkeypatch.delattr(torch.cpu, probe, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, probe, lambda native=native: native)
+    dist = common.Dist(0, 0, 1, torch.device("cpu"))
+    pairs = {"bf16": (torch.bfloat16, torch.channels_last), "fp32": (None, torch.contiguous_format)}
+    assert common.device_setup(dist, "auto") == pairs[chosen]
+    assert common.device_setup(dist, "bf16") == pairs["bf16"]
+    assert common.device_setup(dist, "fp32") == pairs["fp32"]
+    assert common.resolve_precision(torch.device("cuda"), "auto") == "bf16"  # no GPU needed
+    common.print_run_header("byol", _Precision(), dist)
+    native = "native" if chosen == "bf16" else "no native"
+    assert f"precision {chosen} (auto: {native} bf16 on this CPU)" in capsys.readouterr().out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Precision:
+    precision: str = "auto"
+
+
+def test_bad_precision_is_one_clear_line(tmp_path, capsys):
+    import byol
+
+    with pytest.raises(SystemExit) as stop:
+        byol.main(["--precision", "fp16", "--device", "cpu", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error == "error: --precision must be one of auto, bf16, fp32, got 'fp16'\n"
+    assert not any(tmp_path.iterdir())  # stopped before anything was written
+
+
 def test_atomic_checkpoint_and_clear_errors(tmp_path):
     path = tmp_path / "last.pt"
     common.save_checkpoint(dict(model={"w": torch.ones(2)}, config={"arch": "resnet18"}, method="byol"), path)

@@ -1,11 +1,11 @@
 """The GPU dtype path on a CPU: every method's training step under bf16 autocast, channels_last.
 
-On CUDA, common.cuda_setup returns (torch.bfloat16, torch.channels_last): each train loop moves its
-model to channels_last and runs the forward passes under torch.autocast(dtype=torch.bfloat16).
-Parameters, gradients, optimiser state, checkpoints and losses must stay float32, and so must the
-geometry computed inside the autocast block: sampling grids, crop grids and matrices, RoI boxes and
-indices, dense matches. Here cuda_setup is patched to return the same pair on the CPU, so dtype bugs
-show without a GPU.
+On CUDA (and with --precision bf16 anywhere) common.device_setup returns (torch.bfloat16,
+torch.channels_last): each train loop moves its model to channels_last and runs the forward passes
+under torch.autocast(dtype=torch.bfloat16). Parameters, gradients, optimiser state, checkpoints and
+losses must stay float32, and so must the geometry computed inside the autocast block: sampling
+grids, crop grids and matrices, RoI boxes and indices, dense matches. Here every method trains one
+step on the CPU with --precision bf16, so dtype bugs show without a GPU.
 
 CPU autocast is not CUDA autocast op for op (it casts grid_sample to float32, CUDA does not), so
 the geometry is also tested function by function, with inputs where a bf16 coordinate or index
@@ -91,9 +91,10 @@ def record_run(name, out, dtype_path):
     """One train() call of CASES[name], watched. Records the losses the loop computed and the loss
     function's inputs, the parameters (copied) and gradients just before the first optimiser step,
     the number of optimiser steps, the checkpoint states (kept instead of written) and train()'s
-    result. dtype_path=True patches cuda_setup to return CUDA's (bf16, channels_last)."""
+    result. dtype_path=True: --precision bf16, CUDA's dtype path; False: --precision fp32."""
     module, train_name, loss_name, make_config = CASES[name]
-    cfg = dataclasses.replace(make_config(), out=str(out))
+    precision = "bf16" if dtype_path else "fp32"
+    cfg = dataclasses.replace(make_config(), out=str(out), precision=precision)
     record = SimpleNamespace(losses=[], loss_inputs=[], before=None, steps=0, checkpoints=[])
     loss_function = getattr(module, loss_name)
 
@@ -110,8 +111,6 @@ def record_run(name, out, dtype_path):
         record.steps += 1
 
     with pytest.MonkeyPatch.context() as patch:
-        if dtype_path:
-            patch.setattr(common, "cuda_setup", lambda dist: (BF16, torch.channels_last))
         patch.setattr(module, loss_name, watched_loss)
         patch.setattr(common, "save_checkpoint",
                       lambda state, path: record.checkpoints.append(state))

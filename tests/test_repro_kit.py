@@ -101,19 +101,9 @@ def parse_and_check(method, argv, world_size=8):
     module = importlib.import_module(method)
     if method == "densesiam":
         cfg = module.parse_config(argv)  # --task picks Config or SegConfig
-        module.check_config(cfg, world_size)
-        return cfg
-    cfg = common.parse_config(module.Config, module.PRESETS, argv)
-    if method == "lewel":
-        module.check_config(cfg, world_size)
-        return cfg
-    common.check_common_config(cfg, world_size)
-    if method == "ladder_byol":
-        module.check_ladder_config(cfg)
-    elif method == "mcl":
-        module.check_mcl_config(cfg)
-    elif method == "dense_byol":  # the two checks dense_byol.main() makes inline
-        assert 0 <= cfg.dense_weight <= 1 and cfg.match_on in ("projection", "backbone")
+    else:
+        cfg = common.parse_config(module.Config, module.PRESETS, argv)
+    module.check_config(cfg, world_size)
     return cfg
 
 
