@@ -108,7 +108,7 @@ class Config:
 
 # LEWEL_M recipe (Sec. 3.3): MoCo v2 with SGD (momentum 0.9) lr 0.06 at batch 256, wd 1e-4, 2048/128
 # heads, fixed key momentum 0.999, no warmup. NOTE: with both InfoNCE directions summed
-# (lewel_m_total) a step at lr 0.06 is ~4x MoCo v2's one-direction step at 0.03 (weight decay 2x);
+# (lewel_m_loss) a step at lr 0.06 is ~4x MoCo v2's one-direction step at 0.03 (weight decay 2x);
 # --base-lr 0.03 halves both.
 MOCO = dict(variant="moco", hidden_dim=2048, proj_dim=128, base_lr=0.06, weight_decay=1e-4, warmup_epochs=0.0,
             tau_base=0.999)
@@ -324,7 +324,7 @@ class KeyQueue(nn.Module):
 # Loss
 # ---------------------------------------------------------------------------------------------------------------------
 
-def lewel_b_loss(pred_global, target_global, pred_aligned, target_aligned, beta):
+def lewel_b_direction(pred_global, target_global, pred_aligned, target_aligned, beta):
     """Eq. 3 + Eq. 5, one direction: (1 - beta) l(q(z'), sg z'') + beta mean_k l(s(z'_k), sg z''_k).
 
     pred/target global: B x d; pred/target aligned: B x K x c, embedding k of one view against embedding k of the other.
@@ -335,11 +335,11 @@ def lewel_b_loss(pred_global, target_global, pred_aligned, target_aligned, beta)
     return (1 - beta) * loss_global + beta * loss_aligned
 
 
-def lewel_b_total(predictions, targets, beta):
+def lewel_b_loss(predictions, targets, beta):
     """Symmetric LEWEL_B loss: v1 predicts v2's target and vice versa (summed, as the official code). Range [0, 8]."""
     (p1, s1), (p2, s2) = predictions
     (z1, a1), (z2, a2) = targets
-    return lewel_b_loss(p1, z2, s1, a2, beta) + lewel_b_loss(p2, z1, s2, a1, beta)
+    return lewel_b_direction(p1, z2, s1, a2, beta) + lewel_b_direction(p2, z1, s2, a1, beta)
 
 
 def info_nce(query, key, negatives, tau):
@@ -368,7 +368,7 @@ def aligned_info_nce(query, keys_all, first_index, tau):
     return F.cross_entropy(logits.reshape(count * batch, -1), labels.repeat(count))
 
 
-def lewel_m_total(embeddings, keys, negatives, first_index, beta, tau):
+def lewel_m_loss(embeddings, keys, negatives, first_index, beta, tau):
     """Symmetric LEWEL_M loss (Eq. 3 with Eq. 4): view 1 queries view 2's keys and vice versa, summed.
 
     embeddings: per view (z B x d, z_k B x K x d) online, this rank; keys: per view (N x d, N x K x d), global batch;
@@ -503,10 +503,10 @@ def train(cfg, dist):
                     targets = (shuffled_key_forward(target_forward, views, dist, cfg.seed * 1_000_003 + step)
                                if moco else target_forward(views))
             if moco:
-                loss = lewel_m_total(predictions, targets, queue.keys.clone(), dist.rank * batch_per_rank, cfg.beta,
-                                     cfg.temperature)
+                loss = lewel_m_loss(predictions, targets, queue.keys.clone(),
+                                    dist.rank * batch_per_rank, cfg.beta, cfg.temperature)
             else:
-                loss = lewel_b_total(predictions, targets, cfg.beta)
+                loss = lewel_b_loss(predictions, targets, cfg.beta)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

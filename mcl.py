@@ -348,11 +348,12 @@ class MCL(nn.Module):
     def forward(self, stacks, counts, geometry):
         """stacks: per branch (sum counts) x 3 x S x S. Returns predictions[branch][level]: K_s x proj_dim."""
         levels = range(len(counts))
-        return [[self.predictors[s](z) for s, z in enumerate(embed_levels(self, stack, counts, geometry, levels))]
+        return [[self.predictors[s](z)
+                 for s, z in enumerate(embed(self, stack, counts, geometry, levels))]
                 for stack in stacks]
 
 
-def embed_levels(net, stack, counts, geometry, levels):
+def embed(net, stack, counts, geometry, levels):
     """Tile embeddings g(f(I_s)) of a network holding .backbone, .fpn and .head (the online model or its target).
 
     One backbone + FPN pass over the whole stack (full images and every level's montages together, as the official
@@ -506,7 +507,8 @@ def train(cfg, dist):
 
     ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
     online_forward = ddp_model
-    target_forward = (lambda stacks: [embed_levels(target, stack, counts, geometry, target_levels) for stack in stacks])
+    target_forward = (lambda stacks: [embed(target, stack, counts, geometry, target_levels)
+                                      for stack in stacks])
     common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
     if cfg.compile:
         online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)

@@ -64,9 +64,9 @@ CASES = {
     "densesiam-seg": (densesiam, "train_seg", "seg_loss",  # evaluates under autocast at step 0
                       lambda: tiny(densesiam.SegConfig, image_size=32, fpn_dim=16,
                                    num_aux_classes=8, region_start=0.0)),
-    "lewel_b": (lewel, "train", "lewel_b_total",
+    "lewel_b": (lewel, "train", "lewel_b_loss",
                 lambda: tiny(lewel.Config, image_size=16, **HEADS)),
-    "lewel_m": (lewel, "train", "lewel_m_total",
+    "lewel_m": (lewel, "train", "lewel_m_loss",
                 lambda: tiny(lewel.Config, **{**lewel.MOCO, **HEADS}, image_size=16,
                              queue_size=16)),
     "mcl": (mcl, "train", "mcl_loss",  # 32 px: every tile on the feature lattice (sliced windows)

@@ -51,8 +51,8 @@ def test_c2_loss_with_identity_predictors():
     torch.manual_seed(1)
     zo, oo, zt, ot = torch.randn(4, 8, 1), torch.randn(4, 8, 6), torch.randn(4, 8, 1), torch.randn(4, 8, 6)
     # official layout B x channels x K -> ours B x K x channels
-    loss = lewel.lewel_b_loss(zo[:, :, 0], zt[:, :, 0], oo.transpose(1, 2), ot.transpose(1, 2), beta=0.5)
-    global_only = lewel.lewel_b_loss(zo[:, :, 0], zt[:, :, 0], oo.transpose(1, 2), ot.transpose(1, 2), beta=0.0)
+    loss, global_only = (lewel.lewel_b_direction(zo[:, :, 0], zt[:, :, 0], oo.transpose(1, 2),
+                                                 ot.transpose(1, 2), beta) for beta in (0.5, 0.0))
     assert loss.item() == pytest.approx(2.222403, abs=1e-5)
     assert global_only.item() == pytest.approx(2.415056, abs=1e-5)
 
@@ -264,7 +264,7 @@ def test_lewel_m_loss_never_uses_current_keys_as_negatives():
     embeddings = [(torch.randn(batch, dim), torch.randn(batch, count, dim)) for _ in range(2)]
     keys = [(torch.randn(batch, dim), torch.randn(batch, count, dim)) for _ in range(2)]
     negatives = queue.keys.clone()
-    loss = lewel.lewel_m_total(embeddings, keys, negatives, first_index=0, beta=0.5, tau=0.2)
+    loss = lewel.lewel_m_loss(embeddings, keys, negatives, first_index=0, beta=0.5, tau=0.2)
     # manual: queue negatives only, view 1 against view 2's keys and vice versa
     manual = 0.0
     for (query, query_aligned), (key, key_aligned) in zip(embeddings, reversed(keys)):
@@ -276,7 +276,8 @@ def test_lewel_m_loss_never_uses_current_keys_as_negatives():
     queue.enqueue(torch.cat([key for key, _ in keys]))              # what the loop does after optimizer.step()
     torch.testing.assert_close(queue.keys[:2 * batch], current)
     # enqueueing first would have made every key its own negative and changed the loss
-    wrong = lewel.lewel_m_total(embeddings, keys, queue.keys.clone(), first_index=0, beta=0.5, tau=0.2)
+    wrong = lewel.lewel_m_loss(embeddings, keys, queue.keys.clone(), first_index=0, beta=0.5,
+                               tau=0.2)
     assert (wrong - loss).abs() > 1e-3
 
 
@@ -299,7 +300,7 @@ def test_model_shapes_and_initial_loss_near_four():
         targets = [lewel.embed(target, view, cfg.groups, cfg.scale) for view in views]
     assert predictions[0][0].shape == (8, 64) and predictions[0][1].shape == (8, 16, 64)  # d/h = 16 embeddings
     assert targets[0][0].shape == (8, 64) and targets[0][1].shape == (8, 16, 64)
-    loss = lewel.lewel_b_total(predictions, targets, cfg.beta)
+    loss = lewel.lewel_b_loss(predictions, targets, cfg.beta)
     assert abs(loss.item() - 4) < 0.25  # measured 3.965
     loss.backward()
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
@@ -454,7 +455,7 @@ def test_train_updates_the_lewel_m_queue_only_after_the_loss_and_the_step(tmp_pa
     are not among its negatives); the step's keys are enqueued after loss, backward and optimizer
     step (MoCo's order, also DenseCL's `forward_train`)."""
     events = []
-    real_loss, real_enqueue = lewel.lewel_m_total, lewel.KeyQueue.enqueue
+    real_loss, real_enqueue = lewel.lewel_m_loss, lewel.KeyQueue.enqueue
     real_step = torch.optim.SGD.step
 
     def recording_loss(embeddings, keys, negatives, first_index, beta, tau):
@@ -470,7 +471,7 @@ def test_train_updates_the_lewel_m_queue_only_after_the_loss_and_the_step(tmp_pa
         events.append(("step",))
         return real_step(optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(lewel, "lewel_m_total", recording_loss)
+    monkeypatch.setattr(lewel, "lewel_m_loss", recording_loss)
     monkeypatch.setattr(lewel.KeyQueue, "enqueue", recording_enqueue)
     monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
     lewel.main(["--preset", "moco"] + TINY_RUN + ["--queue-size", "64", "--stop-after", "2",

@@ -321,7 +321,7 @@ def test_one_training_step_per_mode(mode):
     assert [p.shape[0] for p in predictions[0]] == [c * 4 ** s for s, c in enumerate(counts)]
     target_levels = sorted({t for _, t in pairs})
     with torch.no_grad():
-        targets = [mcl.embed_levels(target, stack, counts, geometry, target_levels) for stack in stacks]
+        targets = [mcl.embed(target, stack, counts, geometry, target_levels) for stack in stacks]
     assert (targets[0][1] is None) == (mode == "a")
     keys = mcl.target_keys(targets, tile_ids, batch)
     loss, terms = mcl.mcl_loss(predictions, keys, tile_ids, pairs, cfg.level_weights, cfg.temperature, 0)
@@ -355,7 +355,7 @@ class WindowMean(torch.nn.Module):
 @pytest.mark.parametrize("stem, image_size", [("imagenet", 32), ("cifar", 16)])
 def test_forward_reads_level_s_from_p5_minus_s(stem, image_size):
     """Sec. 3.2: tiles downsampled by 2^s are read from P(5-s). Through MCL.forward (both branches)
-    and the target's embed_levels, every level-s tile embedding must come from P(5-s), row = its own
+    and the target's embed, every level-s tile embedding must come from P(5-s), row = its own
     montage."""
     args = TINY + ["--stem", stem, "--image-size", str(image_size)]
     cfg = common.parse_config(mcl.Config, mcl.PRESETS, args)
@@ -369,7 +369,7 @@ def test_forward_reads_level_s_from_p5_minus_s(stem, image_size):
     stacks = [torch.zeros(sum(counts), 3, image_size, image_size) for _ in range(2)]
     with torch.no_grad():
         predictions = model(stacks, counts, geometry)
-        target_embeddings = mcl.embed_levels(model, stacks[0], counts, geometry, range(4))
+        target_embeddings = mcl.embed(model, stacks[0], counts, geometry, range(4))
     for embeddings in predictions + [target_embeddings]:
         first_row = 0
         for s, count in enumerate(counts):
@@ -439,7 +439,7 @@ def test_other_geometries_train(extra):
     predictions = model(stacks, counts, geometry)
     target = common.make_target({"backbone": model.backbone, "fpn": model.fpn, "head": model.head})
     with torch.no_grad():
-        targets = [mcl.embed_levels(target, stack, counts, geometry, range(levels)) for stack in stacks]
+        targets = [mcl.embed(target, stack, counts, geometry, range(levels)) for stack in stacks]
     pairs = mcl.matching_pairs(cfg.mode, levels)
     loss, _ = mcl.mcl_loss(predictions, mcl.target_keys(targets, tile_ids, batch), tile_ids, pairs, cfg.level_weights,
                            cfg.temperature, 0)
