@@ -179,13 +179,13 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5, window=5):
 
 def main(argv=None, steps=20, warmup=5, window=5):
     argv = sys.argv[1:] if argv is None else list(argv)
-    usage = f"usage: python benchmark.py {{{','.join(METHODS)}}} [that method's flags]"
+    usage = f"python benchmark.py {{{','.join(METHODS)}}} [that method's flags]"
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"{usage}\n\n{__doc__.strip()}")
+        print(f"usage: {usage}\n\n{__doc__.strip()}")
         return None
     if not argv or argv[0] not in METHODS:
-        named = f": {argv[0]!r} is not a method file" if argv else ""
-        common.die(f"{usage}{named}")
+        named = f"{argv[0]!r} is not a method file" if argv else "name the method to time"
+        common.die(f"{named}: {usage}")
     method = importlib.import_module(argv[0])
     try:
         cfg = common.parse_config(method.Config, method.PRESETS, argv[1:])
