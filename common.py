@@ -489,6 +489,23 @@ class ResNetTrunk(nn.Module):
         return maps
 
 
+def load_torchvision_weights(trunk, path):
+    """Load a torchvision ResNet state_dict (e.g. its supervised ImageNet weights) from the --init
+    file `path` into a ResNetTrunk; fc is left out. Returns the keys the file lacks."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        first = str(error).splitlines()[0][:160]
+        raise InputError(f"--init {path}: cannot read a state_dict: {first}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    unexpected = [key for key in unexpected if not key.startswith("fc.")]
+    if unexpected or len(missing) == len(trunk.state_dict()):
+        raise InputError(f"--init {path}: not a torchvision ResNet state_dict for this arch "
+                         f"(missing {len(missing)}, unexpected {unexpected[:3]})")
+    return missing
+
+
 def mlp(in_dim, hidden_dim=4096, out_dim=256):
     """BYOL projector/predictor: Linear -> BN -> ReLU -> Linear (BYOL Sec. 3.3;
     google-deepmind/deepmind-research byol/utils/networks.py)."""
@@ -683,6 +700,42 @@ def _cubic_weights(t, a=-0.75):
     near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1       # 0 <= d <= 1
     far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 <= d <= 2
     return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+
+
+def antialiased_crop_resize(images, boxes, flips, size):
+    """Each image's box (edge-based, normalised, on whole pixels) resized to size x size, mirrored
+    where flips is True, as F.interpolate(crop, mode="bilinear", antialias=True) of each crop would
+    (PIL's bilinear resize does the same). crop_resize's counterpart for crops that are shrunk.
+
+    Separable: out_b = rows_b @ image_b @ cols_b^T (_antialias_weights), no per-image loop or sync.
+    NOTE: on CUDA, device_setup's TF32 matmuls round pixels by up to ~1e-3 (1/4 of a uint8 step)."""
+    x0, y0, x1, y1 = boxes.float().unbind(dim=1)
+    height, width = images.shape[-2:]
+    rows = _antialias_weights(y0, y1, torch.zeros_like(flips), height, size)   # B x S x H
+    cols = _antialias_weights(x0, x1, flips, width, size)                      # B x S x W
+    out = images.float() @ cols.transpose(1, 2).unsqueeze(1)                  # B x C x H x S
+    return rows.unsqueeze(1) @ out                                             # B x C x S x S
+
+
+def _antialias_weights(start, end, flips, in_size, out_size):
+    """B x out_size x in_size weights of torch's antialiased bilinear resize of the segment
+    [start, end] (B each, in [0, 1] units of a length-in_size signal) to out_size samples, in
+    reverse order where flips is True.
+
+    With scale = input pixels per output pixel, output j is centred at start + (j + 0.5) * scale
+    and takes the segment's input pixels with weight 1 - distance / max(scale, 1) between centres
+    (a triangle as wide as the scale when shrinking, plain bilinear when enlarging), renormalised
+    to sum 1 (which clamps at the segment's ends)."""
+    first, last = start * in_size, end * in_size                  # B: segment edges, input pixels
+    scale = (last - first) / out_size
+    centres = torch.arange(out_size, device=start.device, dtype=torch.float32) + 0.5
+    centres = torch.where(flips.view(-1, 1), out_size - centres, centres)   # B x out, mirrored
+    centres = first.view(-1, 1) + centres * scale.view(-1, 1)     # B x out, input pixels
+    pixels = torch.arange(in_size, device=start.device, dtype=torch.float32) + 0.5
+    distance = (pixels - centres.unsqueeze(-1)).abs()             # B x out x in
+    weights = (1 - distance / scale.clamp(min=1).view(-1, 1, 1)).clamp_(min=0)
+    weights *= (pixels > first.view(-1, 1, 1)) & (pixels < last.view(-1, 1, 1))   # segment only
+    return weights / weights.sum(dim=-1, keepdim=True)
 
 
 def _gray(x):  # B x 3 x H x W -> B x 1 x H x W (luma weights of torchvision and DeepMind BYOL)
@@ -1707,9 +1760,10 @@ def dense_layout(data):
     return None
 
 
-def segmentation_pairs(data, split):
-    """[(image path, label PNG path)] of one split of a folder in one of the DENSE_LAYOUTS."""
-    root, layout = Path(data), dense_layout(data)
+def segmentation_pairs(data, split, layout=None):
+    """[(image path, label PNG path)] of one split of a folder in one of the DENSE_LAYOUTS (the
+    given layout, else the one dense_layout finds)."""
+    root, layout = Path(data), layout or dense_layout(data)
     if layout == "voc":
         names_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not names_file.is_file():
@@ -1755,21 +1809,89 @@ def dense_num_classes(data):
     return largest + 1
 
 
+def _class_appearance(num_classes):
+    """Fixed per-class colour (evenly spaced hues) and stripe texture (angle, frequency), the same
+    in every split."""
+    classes = torch.arange(num_classes, dtype=torch.float32)
+    hue = classes / num_classes
+    phases = torch.tensor([0.0, 1 / 3, 2 / 3])
+    colour = 0.5 + 0.35 * torch.cos(2 * math.pi * (hue[:, None] + phases))  # C x 3
+    angle = math.pi * ((classes * 0.37) % 1.0)
+    frequency = 3.0 + 2.0 * (classes % 3)                # stripe cycles per image width
+    return colour, angle, frequency
+
+
+def make_synthetic_segmentation(num_images, image_size=64, seed=0, num_things=3, num_stuff=3):
+    """Built-in segmentation scenes: blobby "stuff" regions covering the image plus one or two
+    "thing" shapes on top.
+
+    Every class has a fixed appearance (its own hue and stripe orientation/frequency), so classes
+    are recognisable from local colour and texture, which is what unsupervised segmentation can
+    discover; per-image nuisances (brightness, colour shift, stripe phase, noise, layout) vary.
+    Classes 0..num_things-1 are things, the rest stuff (COCO-Stuff-27 also lists its 12 things
+    first). Deterministic from `seed`.
+    NOTE: make_synthetic labels whole images (one scene per class) and its part masks
+    (with_masks) carry no class-specific appearance; unsupervised segmentation needs per-pixel
+    labels whose classes look alike in every image, hence this generator.
+    Returns (images N x 3 x S x S uint8, labels N x S x S int64 in [0, num_things + num_stuff)).
+    """
+    g = dict(generator=torch.Generator().manual_seed(seed))
+    n, s, num_classes = num_images, image_size, num_things + num_stuff
+    coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")                 # S x S
+    # stuff: one smooth random field per stuff class; each pixel takes the largest
+    fields = F.interpolate(torch.rand(n, num_stuff, 3, 3, **g), size=(s, s), mode="bicubic",
+                           align_corners=False)
+    labels = num_things + fields.argmax(dim=1)                             # N x S x S
+    # things: one shape per image, a second one half of the time (disc, square or diamond)
+    for index in range(2):
+        present = torch.rand(n, 1, 1, **g) < (1.0 if index == 0 else 0.5)
+        thing = torch.randint(0, num_things, (n, 1, 1), **g)
+        kind = torch.randint(0, 3, (n, 1, 1), **g)
+        radius = 0.2 + 0.2 * torch.rand(n, 1, 1, **g)
+        cx, cy = (torch.rand(n, 1, 1, **g) * 2 - 1) * 0.7, (torch.rand(n, 1, 1, **g) * 2 - 1) * 0.7
+        dx, dy = (xx - cx).abs(), (yy - cy).abs()
+        inside = torch.where(kind == 0, dx ** 2 + dy ** 2 < radius ** 2,
+                             torch.where(kind == 1, torch.maximum(dx, dy) < radius * 0.85,
+                                         dx + dy < radius * 1.2))
+        labels = torch.where(present & inside, thing, labels)
+    # appearance: class colour (shifted per image) + class stripes (random phase per image) + noise
+    colour, angle, frequency = _class_appearance(num_classes)
+    shift = 0.08 * (torch.rand(n, num_classes, 3, **g) * 2 - 1)             # N x C x 3
+    phase = 2 * math.pi * torch.rand(n, num_classes, **g)                   # N x C
+    rows = torch.arange(n)[:, None, None]
+    pixel_colour = (colour[labels] + shift[rows, labels]).permute(0, 3, 1, 2)   # N x 3 x S x S
+    direction = xx * torch.cos(angle[labels]) + yy * torch.sin(angle[labels])   # N x S x S
+    stripes = torch.sin(math.pi * frequency[labels] * direction + phase[rows, labels])
+    brightness = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, **g)
+    noise = 0.03 * torch.randn(n, 3, s, s, **g)
+    images = (pixel_colour + 0.12 * stripes.unsqueeze(1)) * brightness + noise
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
 def make_dense_loader(data, split, size, batch_per_rank, dist, seed, workers=8, shuffle=True,
-                      drop_last=True, synthetic_size=2560):
+                      drop_last=True, synthetic_size=2560, classes=None, layout=None):
     """Loader yielding (images uint8 B x 3 x S x S, labels int64 B x S x S) on the device, S = size.
 
     "synthetic": load_dataset's built-in split, generated at `size`, with make_synthetic's part
-    masks; a folder: one of the DENSE_LAYOUTS, read by SegmentationPairs (resize, centre square).
+    masks; with classes=(things, stuff), make_synthetic_segmentation's scenes instead (val: a
+    quarter of synthetic_size, at least 8). A folder: one of the DENSE_LAYOUTS (`layout`, else
+    the one dense_layout finds), read by SegmentationPairs (resize, centre square).
     """
     if data == "synthetic":
-        n_train, n_val = synthetic_size, max(synthetic_size // 5, 10)  # as load_dataset
-        images, _, masks = make_synthetic(n_train + n_val, size, seed=12345, with_masks=True)
-        part = slice(0, n_train) if split == "train" else slice(n_train, None)
-        loader = TensorLoader(images[part].to(dist.device), masks[part].to(dist.device),
+        if classes is None:
+            n_val = max(synthetic_size // 5, 10)  # as load_dataset
+            images, _, labels = make_synthetic(synthetic_size + n_val, size, seed=12345,
+                                               with_masks=True)
+        else:
+            n_val = max(synthetic_size // 4, 8)
+            images, labels = make_synthetic_segmentation(synthetic_size + n_val, size, 12345,
+                                                         *classes)
+        part = slice(0, synthetic_size) if split == "train" else slice(synthetic_size, None)
+        loader = TensorLoader(images[part].to(dist.device), labels[part].to(dist.device),
                               batch_per_rank, dist.rank, dist.world_size, seed, shuffle, drop_last)
     else:
-        dataset = SegmentationPairs(segmentation_pairs(data, split), size)
+        dataset = SegmentationPairs(segmentation_pairs(data, split, layout), size)
         loader = FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, seed,
                               dist.device, workers, shuffle, drop_last)
     if len(loader) == 0:
@@ -1810,6 +1932,90 @@ def segmentation_iou(confusion):
     iou = torch.where(present, true_pos / union.clamp(min=1), torch.full_like(true_pos, math.nan))
     return dict(miou=mean_iou(confusion, present), iou=iou.tolist(),
                 pixel_acc=(true_pos.sum() / confusion.sum().clamp(min=1)).item())
+
+
+def _hungarian_python(cost):
+    """Minimum-cost perfect assignment of a square cost matrix (list of lists): Kuhn-Munkres with
+    row/column potentials and shortest augmenting paths, O(n^3). Returns the column of every row."""
+    n, inf = len(cost), float("inf")
+    row_pot, col_pot = [0.0] * (n + 1), [0.0] * (n + 1)
+    row_of_col, prev_col = [0] * (n + 1), [0] * (n + 1)  # 1-based; column 0 is a virtual start
+    for row in range(1, n + 1):
+        row_of_col[0], col = row, 0
+        min_slack, used = [inf] * (n + 1), [False] * (n + 1)
+        while True:                                       # grow the tree until a free column
+            used[col] = True
+            current_row, delta, next_col = row_of_col[col], inf, 0
+            for j in range(1, n + 1):
+                if used[j]:
+                    continue
+                slack = cost[current_row - 1][j - 1] - row_pot[current_row] - col_pot[j]
+                if slack < min_slack[j]:
+                    min_slack[j], prev_col[j] = slack, col
+                if min_slack[j] < delta:
+                    delta, next_col = min_slack[j], j
+            for j in range(n + 1):
+                if used[j]:
+                    row_pot[row_of_col[j]] += delta
+                    col_pot[j] -= delta
+                else:
+                    min_slack[j] -= delta
+            col = next_col
+            if row_of_col[col] == 0:
+                break
+        while col:                                        # flip the augmenting path
+            previous = prev_col[col]
+            row_of_col[col] = row_of_col[previous]
+            col = previous
+    assignment = [0] * n
+    for j in range(1, n + 1):
+        assignment[row_of_col[j] - 1] = j - 1
+    return assignment
+
+
+def linear_assignment(cost):
+    """Row -> column minimum-cost assignment of a square matrix: scipy when installed (an optional
+    extra), else the pure-Python Kuhn-Munkres above (exact; well under a second for the 27 classes
+    of COCO-Stuff)."""
+    cost = torch.as_tensor(cost, dtype=torch.float64).cpu()
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        return torch.tensor(_hungarian_python(cost.tolist()))
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+
+
+def matched_segmentation_iou(confusion, thing_classes=()):
+    """segmentation_iou of an unsupervised segmenter (confusion columns: its clusters) after
+    matching clusters to classes one-to-one, maximising the matched pixels (Hungarian).
+
+    Adds cluster_to_class (cluster k is read as that class) and, given thing_classes,
+    miou_things / miou_stuff (mIoU^Th / mIoU^St, DenseSiam Table 3) as the released evaluator
+    computes them (ZwwWayne/DenseSiam densesiam/core/evaluators/cluster_mIoU_evaluator.py,
+    evaluate(); the same as PiCIE's commons.py evaluate()): the SAME matching as miou, then the
+    mIoU of the things x things and stuff x stuff blocks of the matched matrix. A thing pixel
+    predicted as a stuff class counts against neither group, so both can exceed the overall mIoU
+    (Table 3: 16.4 overall with 24.5 stuff and 29.5 things).
+    NOTE: the released code permutes the ROWS of the confusion matrix into cluster order and takes
+    its first 12 rows and columns: the classes matched to clusters 0-11, which depends on the
+    network's arbitrary channel order (its comment says "re-ordered to 12 thing + 15 stuff
+    classes"). We take the thing and stuff classes' blocks, as that comment and the paper
+    (Sec. 5.1, "mean IoU of stuff and things classes") intend.
+    NOTE: a present class whose block row and column are empty (all its pixels predicted as the
+    other group, its cluster used only there) scores IoU 0 here; the released nanmean skips it."""
+    confusion = confusion.double().cpu()
+    cluster_to_class = linear_assignment(confusion.max() - confusion.t())  # rows: clusters
+    matched = torch.zeros_like(confusion)
+    matched[:, cluster_to_class] = confusion              # predicted cluster k -> its class column
+    scores = dict(segmentation_iou(matched), cluster_to_class=cluster_to_class)
+    if len(thing_classes):
+        present = (matched.sum(0) + matched.sum(1)) > 0   # in the labels or matched predictions
+        is_thing = torch.zeros(len(matched), dtype=torch.bool)
+        is_thing[list(thing_classes)] = True
+        for name, group in (("miou_things", is_thing), ("miou_stuff", ~is_thing)):
+            scores[name] = mean_iou(matched[group][:, group], present[group])
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,46 +45,60 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import common
-from common import (InputError, augment, confusion_matrix, crop_resize, global_pool, lr_at,
-                    mean_iou, print0)
+from common import InputError, augment, crop_resize, global_pool, lr_at, print0
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """DenseSiam pretraining (SimSiam + PixSim + RegionSim). CPU-sized defaults; --preset imagenet is the paper."""
-    task: str = "pretrain"           # pretrain (this config) | seg (SegConfig below); give --task on the command line
+    """DenseSiam pretraining (SimSiam + PixSim + RegionSim); --task seg: unsupervised segmentation.
+    CPU-sized defaults; --preset imagenet is the paper, --task seg starts from the SEG values."""
+    task: str = "pretrain"           # pretrain | seg (Sec. 4); fields marked "seg:" serve seg only
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
+                                     # (seg: "synthetic" or a COCO-Stuff-27 folder, cocostuff.py)
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
-    image_size: int = 64             # px of each view; paper: 224. NOTE: 64 px keeps a 2x2 res5 map for PixSim on CPU
-    load_size: int = 0               # px the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
+    image_size: int = 64             # px of each view; paper: 224. NOTE in the docstring
+    load_size: int = 0               # px the loader decodes to before cropping; 0 = image_size
+                                     # (folders: 256/224 of it; seg: 2 x image_size)
+    eval_size: int = 0               # seg: px val images and labels are scored at; 0 = image_size
     workers: int = 8                 # DataLoader workers per process (folder data only)
-    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched
+                                     # on the GPU
+    num_classes: int = 6             # seg: N, segmentation head channels = classes of the data
+    num_things: int = 3              # seg: classes 0..num_things-1 are things, the rest stuff
     # model
-    arch: str = "resnet18"           # resnet18 | resnet50 (paper)
+    arch: str = "resnet18"           # resnet18 | resnet50 (paper; seg: resnet18)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
+    init: str = ""                   # torchvision ResNet state_dict to start from; seg paper:
+                                     # supervised ImageNet weights
+    require_init: bool = False       # stop when --init is missing; --preset cocostuff27 sets it
     proj_dim: int = 2048             # SimSiam projector width (3 layers); paper: 2048
     pred_hidden: int = 512           # SimSiam predictor bottleneck; paper: 512
-    dense_dim: int = 64              # PixSim projector g width and output channels = number of regions N; paper: 512
-    dense_pred_hidden: int = 64      # PixSim predictor h hidden width; paper: 512 ("channels ... set to 512")
+    dense_dim: int = 64              # PixSim projector g width and outputs = regions N; paper: 512
+    dense_pred_hidden: int = 64      # PixSim predictor h hidden width; paper: 512
     region_dim: int = 64             # RegionSim projector g' / predictor h' width; paper: 512
-    grid_size: int = 7               # K: K x K points sampled in the crop intersection; paper: 7 (Table 4a)
+    grid_size: int = 7               # K: K x K points in the crop intersection; paper: 7 (Table 4a)
+    fpn_dim: int = 128               # seg: FPN decoder / head hidden width; released code: 128
+    num_aux_classes: int = 24        # seg: N_aux of the over-clustering head; paper: 128
     dense_loss: str = "cosine"       # PixSim distance D: cosine (Eq. 2) | ce (Eq. 3)
-    dense_weight: float = 1.0        # lambda1 (Eq. 7); paper: 1 (Table 4b)
+    dense_weight: float = 1.0        # lambda1 (Eq. 7); paper: 1 (Table 4b); seg: Eq. 8's log-N
+    seg_weight: float = 1.0          # seg: lambda3 (self-labelling cross-entropy); released: 1.0
+    rebalance: bool = True           # seg: weight L_seg by batch class frequency (released code)
     region_weight: float = 0.1       # lambda2 (Eq. 7); paper: 0.1 (Table 4c); 0 = no RegionSim
-    region_start: float = 0.5        # fraction of training after which RegionSim is on; paper: 0.5 (Table 4f)
-    region_temperature: float = 0.1  # InfoNCE temperature of RegionSim; released seg code: 0.1 (the paper gives none)
+    region_start: float = 0.5        # fraction of training before RegionSim; paper: 0.5 (Table 4f)
+    region_temperature: float = 0.1  # InfoNCE temperature of RegionSim; released seg code: 0.1
+    crop_scale: tuple = (0.5, 1.0)   # seg: side fraction of the shared square crop; released: same
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); SimSiam: SyncBN
     # optimisation
     epochs: int = 4                  # paper: 200 on ImageNet (800 on COCO)
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 512
-    base_lr: float = 0.3             # lr = base_lr * batch_size / 256, SGD, cosine to 0; paper: 0.05. NOTE: at 0.05 the
-                                     # SimSiam term moved only to -0.10 in 40 CPU steps (-0.64 at 0.3)
+    base_lr: float = 0.3             # lr = base_lr * batch_size / 256, SGD, cosine to 0 (seg:
+                                     # constant); paper: 0.05. NOTE in the docstring
     weight_decay: float = 1e-4       # on every parameter, as SimSiam; paper: 1e-4
     momentum: float = 0.9            # SGD momentum; paper: 0.9
     warmup_epochs: float = 0.0       # linear lr warmup; paper/SimSiam: none
@@ -93,15 +107,19 @@ class Config:
     out: str = "runs/densesiam"      # checkpoints, metrics.jsonl
     resume: bool = False             # continue from <out>/last.pt
     knn_every: int = 4               # epochs between kNN monitors (0 = only at the end)
+    eval_every: int = 1              # seg: epochs between mIoU evaluations (0 = only at the end;
+                                     # always at step 0 as well)
     log_every: int = 10              # steps between logged metrics (and host syncs)
     ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
-    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule
+                                     # still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
                                      # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the model
-    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
+    show: bool = False               # write <out>/show.png: what the method does on one batch,
+                                     # then exit
 
 
 # Paper Sec. 5.1: SimSiam recipe, SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, cosine;
@@ -111,6 +129,12 @@ class Config:
 _PAPER = dict(arch="resnet50", stem="imagenet", image_size=224, batch_size=512, base_lr=0.05,
               weight_decay=1e-4, dense_dim=512, dense_pred_hidden=512, region_dim=512, grid_size=7,
               dense_weight=1.0, region_weight=0.1, region_start=0.5, workers=10)
+# --task seg: the segmentation mode's CPU defaults (the built-in scenes), under every preset and
+# flag. Its paper values (Sec. 5.1; the cocostuff27 preset): 320 px views (feature map: a quarter)
+# of 640 px images, batch 256 (4 GPUs x 64), lr 0.05 at batch 256 (base_lr 0.4 gives that lr at our
+# batch 32), 10 epochs with RegionSim from epoch 8 (released code), PixSim distance ce (Eq. 3).
+SEG = dict(task="seg", synthetic_size=512, image_size=32, dense_loss="ce", region_start=0.8,
+           epochs=6, batch_size=32, base_lr=0.4, out="runs/densesiam_seg")
 PRESETS = {
     "imagenet": dict(_PAPER, epochs=200, knn_every=10),    # ImageNet-1k, 200 epochs: Table 2
     # COCO train2017 (--data the train2017 folder), 800 epochs: the Table 4 ablations. "coco" is the
@@ -119,84 +143,21 @@ PRESETS = {
     "coco": dict(_PAPER, epochs=800, knn_every=50),
     "coco-pixsim": dict(_PAPER, epochs=800, knn_every=50, region_weight=0.0),
     "coco-simsiam": dict(_PAPER, epochs=800, knn_every=50, dense_weight=0.0, region_weight=0.0),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class SegConfig:
-    """DenseSiam unsupervised semantic segmentation (--task seg). CPU-sized defaults; --preset cocostuff27 = paper."""
-    task: str = "seg"                # seg (this config) | pretrain
-    # data
-    data: str = "synthetic"          # "synthetic" (built-in, per-pixel labels) or a COCO-Stuff-27 style folder (SegFolder)
-    synthetic_size: int = 512        # images in the built-in training set (val is a quarter of it)
-    image_size: int = 32             # px of each training view (feature map = image_size / 4); paper: 320
-    load_size: int = 0               # px of the square the loader decodes to; 0 = 2 * image_size (paper: 640)
-    eval_size: int = 0               # px val images and labels are resized to (scored there);
-                                     # 0 = image_size (paper: 320)
-    workers: int = 8                 # DataLoader workers per process (folder data only)
-    num_classes: int = 6             # N: segmentation head channels = classes of the data set; paper: 27
-    num_things: int = 3              # classes 0..num_things-1 are "things", the rest "stuff"; COCO-Stuff-27: 12
-    # model
-    arch: str = "resnet18"           # paper: resnet18
-    stem: str = "imagenet"
-    init: str = ""                   # torchvision ResNet state_dict to start from; paper: supervised ImageNet weights
-    require_init: bool = False       # stop when --init is missing; --preset cocostuff27 sets it;
-                                     # --no-require-init trains from random weights anyway
-    fpn_dim: int = 128               # FPN decoder / head hidden width; released code: 128
-    num_aux_classes: int = 24        # N_aux of the over-clustering head; paper: 128
-    dense_loss: str = "ce"           # PixSim distance; seg mode: ce (Eq. 3)
-    seg_weight: float = 1.0          # lambda3 (self-labelling cross-entropy); released code: 1.0
-    rebalance: bool = True           # weight the self-labelling loss by batch class frequency (released code)
-    region_weight: float = 0.1       # lambda2; released code: 0.1
-    region_start: float = 0.8        # fraction of training after which RegionSim is on; released code: epoch 8 of 10
-    region_temperature: float = 0.1  # released code: 0.1
-    crop_scale: tuple = (0.5, 1.0)   # side fraction of the shared square crop; released code: (0.5, 1)
-    sync_bn: bool = True
-    # optimisation (constant lr, Sec. 5.1)
-    epochs: int = 6                  # paper: 10
-    batch_size: int = 32             # GLOBAL batch; paper: 256 (4 GPUs x 64)
-    base_lr: float = 0.4             # lr = base_lr * batch_size / 256, constant; paper: 0.05 (= lr 0.05 at batch 256;
-                                     # 0.4 gives the same lr 0.05 at our batch 32)
-    weight_decay: float = 1e-4       # paper: 1e-4
-    momentum: float = 0.9            # paper: 0.9
-    # run
-    seed: int = 0
-    out: str = "runs/densesiam_seg"
-    resume: bool = False
-    eval_every: int = 1              # epochs between evaluations (0 = only at the end); always at step 0 as well
-    log_every: int = 10
-    ckpt_every_steps: int = 0
-    keep_every: int = 0
-    stop_after: int = 0
-    device: str = ""
-    precision: str = "auto"          # auto | bf16 | fp32 (as --task pretrain)
-    compile: bool = False
-
-
-SEG_PRESETS = {
+    "seg": SEG,
     # Tables 3 and 5; released config (ZwwWayne/DenseSiam) configs/densesiam/
     # densesiam_r18_fpn_aux_seg-rebalance_4x64_sgd-fix-10e_coco-curated.py. Data: cocostuff.py.
-    "cocostuff27": dict(image_size=320, load_size=640, eval_size=320, num_classes=27, num_things=12,
-                        num_aux_classes=128, batch_size=256, epochs=10, base_lr=0.05,
-                        region_start=0.8, workers=4, require_init=True),
+    "cocostuff27": dict(SEG, image_size=320, load_size=640, eval_size=320, num_classes=27,
+                        num_things=12, num_aux_classes=128, batch_size=256, epochs=10,
+                        base_lr=0.05, region_start=0.8, workers=4, require_init=True),
 }
-
-# Seg-mode photometric views (released code: brightness/contrast/saturation 0.3, hue 0.1, each p 0.8; gray 0.2;
-# blur p 0.5). NOTE: common.color_augment applies the four jitters together with p 0.8 in random order, the released
-# code draws each with its own p 0.8 in a fixed order. The crop of the recipe is unused (the seg geometry is shared).
-# Blur: the released config blurs the 640 px image with sigma in [0.1, 2] px
-# (ReplayRandomGaussianBlur). ViewRecipe's sigma is in px at 224 px, scaled with the image side,
-# hence [0.1, 2] * 224 / 640: [0.1, 2] px at 640 px, the same fraction of the image at any
-# --load-size. NOTE: the released transform takes the radius from the uniform draw that decided to
-# blur, so it is |U(-1.8, 0.1)| <= 1.8 px; we draw the config's [0.1, 2] px.
-SEG_PHOTOMETRIC = common.ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2,
-                                    blur_p=0.5, blur_sigma=(0.1 * 224 / 640, 2.0 * 224 / 640))
 
 
 def check_config(cfg, world_size):
     """What main() checks before any data or model is built: the common checks and DenseSiam's
     (both tasks)."""
     common.check_common_config(cfg, world_size)
+    common.check(cfg.task in ("pretrain", "seg"),
+                 f"--task must be pretrain or seg, got {cfg.task!r}")
     common.check(cfg.dense_loss in DISTANCES,
                  f"--dense-loss must be one of {sorted(DISTANCES)}, got {cfg.dense_loss!r}")
     common.check(0.0 <= cfg.region_start <= 1.0,
@@ -204,55 +165,44 @@ def check_config(cfg, world_size):
     common.check(cfg.region_weight >= 0, f"--region-weight must be >= 0, got {cfg.region_weight}")
     common.check(cfg.region_temperature > 0,
                  f"--region-temperature must be positive, got {cfg.region_temperature}")
-    if cfg.task == "seg":
-        common.check(cfg.num_classes >= 2 and 0 <= cfg.num_things < cfg.num_classes,
-                     f"need --num-classes >= 2 and 0 <= --num-things < --num-classes, got "
-                     f"{cfg.num_classes} and {cfg.num_things}")
-        common.check(cfg.num_aux_classes >= 2,
-                     f"--num-aux-classes must be >= 2, got {cfg.num_aux_classes}")
-        common.check(len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
-                     f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {cfg.crop_scale}")
-        common.check(cfg.image_size % 32 == 0,
-                     f"--image-size must be a multiple of 32 (FPN), got {cfg.image_size}")
-        common.check(not cfg.init or Path(cfg.init).is_file(), f"--init {cfg.init}: no such file")
-        common.check(cfg.init or not cfg.require_init,
-                     "--init is required (--require-init, on in --preset cocostuff27): the paper "
-                     "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
-                     "resnet18_imagenet.pth, or --no-require-init to train from random weights")
-    else:
+    common.check(not cfg.init or Path(cfg.init).is_file(), f"--init {cfg.init}: no such file")
+    if cfg.task == "pretrain":
         common.check(cfg.grid_size >= 1, f"--grid-size must be >= 1, got {cfg.grid_size}")
+        return
+    common.check(cfg.num_classes >= 2 and 0 <= cfg.num_things < cfg.num_classes,
+                 f"need --num-classes >= 2 and 0 <= --num-things < --num-classes, got "
+                 f"{cfg.num_classes} and {cfg.num_things}")
+    common.check(cfg.num_aux_classes >= 2,
+                 f"--num-aux-classes must be >= 2, got {cfg.num_aux_classes}")
+    common.check(len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
+                 f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    common.check(cfg.image_size % 32 == 0,
+                 f"--image-size must be a multiple of 32 (FPN), got {cfg.image_size}")
+    common.check(cfg.init or not cfg.require_init,
+                 "--init is required (--require-init, on in --preset cocostuff27): the paper "
+                 "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
+                 "resnet18_imagenet.pth, or --no-require-init to train from random weights")
+    common.check(not cfg.show, "--show draws the pretraining views (not with --task seg)")
 
 
-def task_of(argv):
-    """The --task given on the command line (it picks which config class parses the rest)."""
-    for index, arg in enumerate(argv):
-        if arg == "--task" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--task="):
-            return arg.split("=", 1)[1]
-    return "pretrain"
+def parse_config(argv=None):
+    """common.parse_config; when the task is seg, again with --preset seg in front and the seg
+    presets only, so that SEG's values lie under the preset and the flags given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = common.parse_config(Config, PRESETS, argv)
+    if cfg.task != "seg":
+        return cfg
+    seg_presets = {name: values for name, values in PRESETS.items() if values.get("task") == "seg"}
+    return common.parse_config(Config, seg_presets, ["--preset", "seg"] + argv)
 
 
-def parse_config(argv):
-    """--task on the command line picks the config class (Config or SegConfig) that parses the
-    other flags."""
-    task = task_of(argv)
-    if task not in ("pretrain", "seg"):
-        raise InputError(f"--task must be pretrain or seg, got {task!r}")
-    config_cls, presets = (SegConfig, SEG_PRESETS) if task == "seg" else (Config, PRESETS)
-    cfg = common.parse_config(config_cls, presets, argv)
-    if cfg.task != task:
-        raise InputError(f"task {cfg.task!r} came from a preset or --config file; give --task "
-                         f"{cfg.task} on the command line instead (it selects the config)")
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def simsiam_projector(in_dim, dim):
-    """SimSiam projector: 3 x [Linear (no bias) -> BN], ReLU between, last BN without affine (SimSiam Sec. 4)."""
+    """SimSiam projector: 3 x [Linear (no bias) -> BN], ReLU between, last BN without affine
+    (SimSiam Sec. 4)."""
     return nn.Sequential(
         nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
         nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
@@ -261,18 +211,21 @@ def simsiam_projector(in_dim, dim):
 
 def simsiam_predictor(dim, hidden_dim):
     """SimSiam predictor: bottleneck Linear (no bias) -> BN -> ReLU -> Linear (with bias)."""
-    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, dim))
+    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
 
 
 def dense_projector(in_dim, hidden_dim, out_dim, num_hidden=2):
-    """Projector g of Sec. 3.1 as 1x1 convs: num_hidden x [Conv (no bias) -> BN -> ReLU], Conv -> BN(affine=False).
+    """Projector g of Sec. 3.1 as 1x1 convs: num_hidden x [Conv (no bias) -> BN -> ReLU], then
+    Conv -> BN(affine=False).
 
-    Paper: "three 1x1 convolutional layers followed by BN and ReLU ... the last BN layer does not use learnable
-    affine transformation". The last conv keeps its bias, as in the released seg code (harmless before the BN)."""
+    Paper: "three 1x1 convolutional layers followed by BN and ReLU ... the last BN layer does not
+    use learnable affine transformation". The last conv keeps its bias, as in the released seg
+    code (harmless before the BN)."""
     layers, width = [], in_dim
     for _ in range(num_hidden):
-        layers += [nn.Conv2d(width, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(width, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim),
+                   nn.ReLU(inplace=True)]
         width = hidden_dim
     layers += [nn.Conv2d(width, out_dim, 1), nn.BatchNorm2d(out_dim, affine=False)]
     return nn.Sequential(*layers)
@@ -280,13 +233,14 @@ def dense_projector(in_dim, hidden_dim, out_dim, num_hidden=2):
 
 def dense_predictor(dim, hidden_dim):
     """Predictor h as 1x1 convs: Conv (no bias) -> BN -> ReLU -> Conv (with bias)."""
-    return nn.Sequential(nn.Conv2d(dim, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden_dim, dim, 1))
+    return nn.Sequential(nn.Conv2d(dim, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, dim, 1))
 
 
 class DenseSiam(nn.Module):
-    """Pretraining mode: encoder f (ResNet, res5 map) with a global SimSiam branch, PixSim heads g/h on the dense map
-    and RegionSim heads g'/h' on region embeddings. One network, no target copy (SimSiam)."""
+    """Pretraining mode: encoder f (ResNet, res5 map) with a global SimSiam branch, PixSim heads
+    g/h on the dense map and RegionSim heads g'/h' on region embeddings. One network, no target
+    copy (SimSiam)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -296,15 +250,15 @@ class DenseSiam(nn.Module):
         self.predictor = simsiam_predictor(cfg.proj_dim, cfg.pred_hidden)
         self.dense_projector = dense_projector(width, cfg.dense_dim, cfg.dense_dim)
         self.dense_predictor = dense_predictor(cfg.dense_dim, cfg.dense_pred_hidden)
-        # g' is "a three-layer MLP head" (Sec. 3.3) like the SimSiam projector; h' like the SimSiam predictor.
+        # g' is "a three-layer MLP head" (Sec. 3.3) as the SimSiam projector; h' as its predictor
         self.region_projector = simsiam_projector(width, cfg.region_dim)
         self.region_predictor = simsiam_predictor(cfg.region_dim, cfg.region_dim)
 
     def forward(self, views, grids, with_region):
-        """views: two B x 3 x S x S; grids: two B x K x K x 2 (grid_sample coords of the shared points).
-
-        Returns one dict per view (BN statistics per view, as SimSiam): global z/p (B x proj_dim), dense z/p at the
-        grid points (B x dense_dim x K x K) and, when with_region, region u/v (B x N x region_dim)."""
+        """views: two B x 3 x S x S; grids: two B x K x K x 2 (grid_sample coords of the shared
+        points). Returns one dict per view (BN statistics per view, as SimSiam): global z/p
+        (B x proj_dim), dense z/p at the grid points (B x dense_dim x K x K) and, when with_region,
+        region u/v (B x N x region_dim)."""
         outputs = []
         for view, grid in zip(views, grids):
             feature_map = self.backbone(view)["res5"]                    # B x C x h x w
@@ -315,8 +269,10 @@ class DenseSiam(nn.Module):
             out = dict(z=z, p=self.predictor(z), dense_z=grid_sample_points(dense_z, grid),
                        dense_p=grid_sample_points(dense_p, grid))       # B x N x K x K
             if with_region:
-                # Eq. 4 inside the intersection: masks from the sampled z, features sampled at the same points
-                regions = region_embeddings(out["dense_z"], grid_sample_points(feature_map, grid))  # B x N x C
+                # Eq. 4 inside the intersection: masks from the sampled z, features sampled at the
+                # same points
+                regions = region_embeddings(out["dense_z"],
+                                            grid_sample_points(feature_map, grid))  # B x N x C
                 v = self.region_projector(regions.flatten(0, 1))         # (B N) x region_dim
                 out.update(v=v.view(regions.shape[0], regions.shape[1], -1),
                            u=self.region_predictor(v).view(regions.shape[0], regions.shape[1], -1))
@@ -327,24 +283,28 @@ class DenseSiam(nn.Module):
 class FPNDecoder(nn.Module):
     """PiCIE's simplified FPN, as in the seg mode (Sec. 4; released models/architectures/picie.py).
 
-    1x1 lateral convs (with bias) bring res5..res2 to `dim` channels; top-down: bilinear upsample (align_corners=False)
-    and add. No 3x3 smoothing, no norm, no activation. Output: the res2-resolution map (stride 4)."""
+    1x1 lateral convs (with bias) bring res5..res2 to `dim` channels; top-down: bilinear upsample
+    (align_corners=False) and add. No 3x3 smoothing, no norm, no activation. Output: the
+    res2-resolution map (stride 4)."""
 
     def __init__(self, in_channels, dim=128):
         super().__init__()
-        self.laterals = nn.ModuleDict({name: nn.Conv2d(in_channels[name], dim, 1) for name in common.STAGES})
+        self.laterals = nn.ModuleDict({name: nn.Conv2d(in_channels[name], dim, 1)
+                                       for name in common.STAGES})
 
     def forward(self, feats):
         out = self.laterals["res5"](feats["res5"])                       # B x D x H/32 x W/32
         for name in ("res4", "res3", "res2"):
             lateral = self.laterals[name](feats[name])
-            out = F.interpolate(out, size=lateral.shape[-2:], mode="bilinear", align_corners=False) + lateral
+            out = F.interpolate(out, size=lateral.shape[-2:], mode="bilinear",
+                                align_corners=False) + lateral
         return out                                                        # B x D x H/4 x W/4
 
 
 class SegDenseSiam(nn.Module):
-    """Seg mode (released code's DenseSimSiam config): ResNet + FPN encoder, N-class head g/h (the segmenter),
-    N_aux-class over-clustering head, RegionSim heads on FPN features. No global branch in this mode."""
+    """Seg mode (released code's DenseSimSiam config): ResNet + FPN encoder, N-class head g/h (the
+    segmenter), N_aux-class over-clustering head, RegionSim heads on FPN features. No global
+    branch in this mode."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -361,79 +321,71 @@ class SegDenseSiam(nn.Module):
         return self.decoder(self.backbone(images))                        # B x D x S/4 x S/4
 
     def segment(self, images):
-        """Inference: class logits B x N x S/4 x S/4 = g(f(x)) (no predictor, as the released evaluator)."""
+        """Inference: class logits B x N x S/4 x S/4 = g(f(x)) (no predictor, as the released
+        evaluator)."""
         return self.projector(self.encode(images))
 
-    def forward(self, view1, view2, boxes, flips, with_region):
-        """view1 = crop of the image (boxes, flips) resized to S; view2 = the whole image resized to S.
-
-        View 2's feature map is cropped with the same boxes/flips, so both maps cover the same pixels and PixSim
-        compares them position by position (released code: view 1 cropped on the image, view 2 on the features)."""
-        feats1 = self.encode(view1)                                       # B x D x s x s
-        feats2 = crop_resize(self.encode(view2), boxes, flips, feats1.shape[-1])   # aligned with feats1
+    def forward(self, views, crop, with_region):
+        """views: view 1 = the image's crop = (boxes, flips) resized to S, view 2 = the whole
+        image resized to S. View 2's feature map is cropped with the same boxes/flips, so
+        both maps cover the same pixels and PixSim compares them position by position (released
+        code: view 1 cropped on the image, view 2 on the features)."""
+        feats1 = self.encode(views[0])                                   # B x D x s x s
+        feats2 = crop_resize(self.encode(views[1]), *crop, feats1.shape[-1])  # aligned with feats1
         outputs = []
         for feats in (feats1, feats2):
-            z, aux_z = self.projector(feats), self.aux_projector(feats)  # B x N x s x s, B x N_aux x s x s
+            z, aux_z = self.projector(feats), self.aux_projector(feats)  # B x N (N_aux) x s x s
             out = dict(z=z, p=self.predictor(z), aux_z=aux_z, aux_p=self.aux_predictor(aux_z))
             if with_region:
-                regions = region_embeddings(z, feats)                     # B x N x D, over the whole aligned map
+                regions = region_embeddings(z, feats)     # B x N x D, over the whole aligned map
                 v = self.region_projector(regions.flatten(0, 1))
                 out.update(v=v.view(regions.shape), u=self.region_predictor(v).view(regions.shape))
             outputs.append(out)
         return outputs
 
 
-def load_init_weights(backbone, path):
-    """Load a torchvision ResNet state_dict (e.g. supervised ImageNet weights, as the paper's seg mode) into a trunk."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise InputError(f"--init {path}: cannot read a state_dict: {str(error).splitlines()[0][:160]}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    unexpected = [key for key in unexpected if not key.startswith("fc.")]
-    if unexpected or len(missing) == len(backbone.state_dict()):
-        raise InputError(f"--init {path}: not a torchvision ResNet state_dict for this arch "
-                         f"(missing {len(missing)}, unexpected {unexpected[:3]})")
-    return missing
-
-
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PixSim geometry: K x K grid inside the intersection of two crops (Sec. 3.2; test_d6_grid_recipe)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def box_intersection(boxes1, boxes2):
-    """Intersection of two batches of edge-based normalised boxes (x0, y0, x1, y1) -> (B x 4, B bool: non-empty)."""
-    inter = torch.cat([torch.maximum(boxes1[:, :2], boxes2[:, :2]), torch.minimum(boxes1[:, 2:], boxes2[:, 2:])], 1)
+    """Intersection of two batches of edge-based normalised boxes (x0, y0, x1, y1) -> (B x 4,
+    B bool: non-empty)."""
+    inter = torch.cat([torch.maximum(boxes1[:, :2], boxes2[:, :2]),
+                       torch.minimum(boxes1[:, 2:], boxes2[:, 2:])], 1)
     valid = (inter[:, 2] > inter[:, 0]) & (inter[:, 3] > inter[:, 1])
     return inter, valid
 
 
 def view_grid(points, box, flip):
-    """Map points of the original image (B x K x K x 2, normalised (x, y)) to one view's grid_sample coordinates.
+    """Map points of the original image (B x K x K x 2, normalised (x, y)) to one view's
+    grid_sample coordinates.
 
-    common.augment's boxes are edge-based: column j of an unflipped view of size S samples x = x0 + (j + 0.5)/S *
-    (x1 - x0), so x sits at s = (x - x0)/(x1 - x0) of the view's width, and grid_sample(align_corners=False) takes
-    2s - 1 (-1/+1 are the outer edges of the border pixels). A flipped view is the unflipped one mirrored: s -> 1 - s.
-    The view's feature map covers the view edge to edge, so the same grid reads any stage of it."""
+    common.augment's boxes are edge-based: column j of an unflipped view of size S samples
+    x = x0 + (j + 0.5)/S * (x1 - x0), so x sits at s = (x - x0)/(x1 - x0) of the view's width, and
+    grid_sample(align_corners=False) takes 2s - 1 (-1/+1 are the outer edges of the border pixels).
+    A flipped view is the unflipped one mirrored: s -> 1 - s. The view's feature map covers the
+    view edge to edge, so the same grid reads any stage of it."""
     x0, y0, x1, y1 = (box[:, i].view(-1, 1, 1) for i in range(4))
     s = (points[..., 0] - x0) / (x1 - x0)
     t = (points[..., 1] - y0) / (y1 - y0)
     s = torch.where(flip.view(-1, 1, 1), 1.0 - s, s)
-    return torch.stack([2.0 * s - 1.0, 2.0 * t - 1.0], dim=-1)           # B x K x K x 2, last dim (x, y)
+    return torch.stack([2.0 * s - 1.0, 2.0 * t - 1.0], dim=-1)  # B x K x K x 2, last dim (x, y)
 
 
 def intersection_grids(boxes1, flips1, boxes2, flips2, grid_size):
-    """K x K cell-centre points of each image's crop intersection, as grid_sample grids of view 1 and view 2.
+    """K x K cell-centre points of each image's crop intersection, as grid_sample grids of view 1
+    and view 2.
 
-    Returns grid1, grid2 (B x K x K x 2) and valid (B bool). Where the crops do not overlap (possible with crop
-    scale 0.2) the grids are meaningless and valid is False: the losses mask those images out."""
+    Returns grid1, grid2 (B x K x K x 2) and valid (B bool). Where the crops do not overlap
+    (possible with crop scale 0.2) the grids are meaningless and valid is False: the losses mask
+    those images out."""
     inter, valid = box_intersection(boxes1, boxes2)
-    steps = (torch.arange(grid_size, device=boxes1.device, dtype=boxes1.dtype) + 0.5) / grid_size   # K
+    steps = (torch.arange(grid_size, device=boxes1.device, dtype=boxes1.dtype) + 0.5) / grid_size
     xs = inter[:, 0:1] + steps * (inter[:, 2:3] - inter[:, 0:1])         # B x K
     ys = inter[:, 1:2] + steps * (inter[:, 3:4] - inter[:, 1:2])         # B x K
-    points = torch.stack([xs[:, None, :].expand(-1, grid_size, -1),       # row i, column j -> (x_j, y_i)
-                          ys[:, :, None].expand(-1, -1, grid_size)], dim=-1)     # B x K x K x 2
+    points = torch.stack([xs[:, None, :].expand(-1, grid_size, -1),      # row i, column j:
+                          ys[:, :, None].expand(-1, -1, grid_size)], dim=-1)  # (x_j, y_i)
     return view_grid(points, boxes1, flips1), view_grid(points, boxes2, flips2), valid
 
 
@@ -452,19 +404,35 @@ def grid_sample_points(maps, grid):
                              align_corners=False)
 
 
-def replay_crop(side_fraction, top_fraction, left_fraction, size):
-    """The released seg code's square crop of a size x size map from fractions (tensors) -> (side, top, left).
+# --------------------------------------------------------------------------------------------------
+# Seg-mode views: photometric copies of the whole image, one shared square crop (Sec. 4)
+# --------------------------------------------------------------------------------------------------
 
-    side = floor(s * size), top = round((size - side) * a), left = round((size - side) * b),
-    rounding half to even like Python's round. In float64, to match the released numbers
-    (test_d5_replay_crop)."""
+# Released code: brightness/contrast/saturation 0.3, hue 0.1, each p 0.8; gray 0.2; blur p 0.5.
+# NOTE: common.color_augment applies the four jitters together with p 0.8 in random order, the
+# released code draws each with its own p 0.8 in a fixed order. The crop of the recipe is unused
+# (the seg geometry is shared). Blur: the released config blurs the 640 px image with sigma in
+# [0.1, 2] px (ReplayRandomGaussianBlur). ViewRecipe's sigma is in px at 224 px, scaled with the
+# image side, hence [0.1, 2] * 224 / 640: [0.1, 2] px at 640 px, the same fraction of the image at
+# any --load-size. NOTE: the released transform takes the radius from the uniform draw that
+# decided to blur, so it is |U(-1.8, 0.1)| <= 1.8 px; we draw the config's [0.1, 2] px.
+SEG_PHOTOMETRIC = common.ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2,
+                                    blur_p=0.5, blur_sigma=(0.1 * 224 / 640, 2.0 * 224 / 640))
+
+
+def replay_crop(side_fraction, top_fraction, left_fraction, size):
+    """The released seg code's square crop of a size x size map from fractions (tensors) ->
+    (side, top, left): side = floor(s * size), top = round((size - side) * a),
+    left = round((size - side) * b), rounding half to even like Python's round. In float64, to
+    match the released numbers (test_d5_replay_crop)."""
     side = torch.floor(side_fraction.double() * size)
-    return side, torch.round((size - side) * top_fraction.double()), torch.round((size - side) * left_fraction.double())
+    return (side, torch.round((size - side) * top_fraction.double()),
+            torch.round((size - side) * left_fraction.double()))
 
 
 def seg_crop_boxes(batch, size, scale, generator, device):
-    """Seg mode's shared geometric transform: one square crop (side fraction in `scale`) and one flip (p 0.5) per
-    image, as edge-based normalised boxes of the size x size input.
+    """Seg mode's shared geometric transform: one square crop (side fraction in `scale`) and one
+    flip (p 0.5) per image, as edge-based normalised boxes of the size x size input.
 
     NOTE: the released code rounds the crop separately for the 640 px image (view 1) and the 80 px
     feature map (view 2), so the two are only aligned to within half a feature cell
@@ -473,7 +441,8 @@ def seg_crop_boxes(batch, size, scale, generator, device):
     exactly. It also draws each image's crop once for the whole run (replay); we draw a new one
     every step."""
     u = torch.rand(batch, 4, generator=generator, device=device)
-    side, top, left = replay_crop(scale[0] + (scale[1] - scale[0]) * u[:, 0], u[:, 1], u[:, 2], size)
+    side_fraction = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    side, top, left = replay_crop(side_fraction, u[:, 1], u[:, 2], size)
     boxes = torch.stack([left, top, left + side, top + side], dim=1) / size
     return boxes.float(), u[:, 3] < 0.5
 
@@ -482,64 +451,29 @@ def seg_views(colour1, colour2, boxes, flips, size):
     """The two seg-mode views (normalised, B x 3 x size x size) of photometric copies colour1/2.
 
     View 1 = crop (boxes, flips) of colour1 resized to size; view 2 = all of colour2 resized to
-    size. Both go through the same antialiased resize.
+    size. Both go through the same antialiased resize (common.antialiased_crop_resize).
     NOTE: the released code shrinks view 1 with F.interpolate, without antialiasing
     (ReplayRandomResizedCrop in densesiam/datasets/pipelines/index_transforms.py), and view 2 with
     PIL's resize, which antialiases (densesiam/datasets/cluster_replay_dataset.py); the val images
     are PIL-resized too. We antialias both views."""
     whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device).expand(len(boxes), 4)
-    view1 = antialiased_crop_resize(colour1, boxes, flips, size)
-    view2 = antialiased_crop_resize(colour2, whole, torch.zeros_like(flips), size)
+    view1 = common.antialiased_crop_resize(colour1, boxes, flips, size)
+    view2 = common.antialiased_crop_resize(colour2, whole, torch.zeros_like(flips), size)
     return common.normalize(view1), common.normalize(view2)
 
 
-def antialiased_crop_resize(images, boxes, flips, size):
-    """Each image's box (edge-based, normalised, on whole pixels) resized to size x size, mirrored
-    where flips is True, as F.interpolate(crop, mode="bilinear", antialias=True) of each crop would
-    (PIL's bilinear resize does the same).
-
-    Separable: out_b = rows_b @ image_b @ cols_b^T (_antialias_weights), no per-image loop or sync.
-    NOTE: on CUDA, device_setup's TF32 matmuls round pixels by up to ~1e-3 (1/4 of a uint8 step)."""
-    batch, channels, height, width = images.shape
-    x0, y0, x1, y1 = boxes.float().unbind(dim=1)
-    rows = _antialias_weights(y0, y1, torch.zeros_like(flips), height, size)   # B x S x H
-    cols = _antialias_weights(x0, x1, flips, width, size)                      # B x S x W
-    out = images.float() @ cols.transpose(1, 2).unsqueeze(1)                  # B x C x H x S
-    return rows.unsqueeze(1) @ out                                             # B x C x S x S
-
-
-def _antialias_weights(start, end, flips, in_size, out_size):
-    """B x out_size x in_size weights of torch's antialiased bilinear resize of the segment
-    [start, end] (B each, in [0, 1] units of a length-in_size signal) to out_size samples, in
-    reverse order where flips is True.
-
-    With scale = input pixels per output pixel, output j is centred at start + (j + 0.5) * scale
-    and takes the segment's input pixels with weight 1 - distance / max(scale, 1) between centres
-    (a triangle as wide as the scale when shrinking, plain bilinear when enlarging), renormalised
-    to sum 1 (which clamps at the segment's ends)."""
-    first, last = start * in_size, end * in_size                  # B: segment edges, input pixels
-    scale = (last - first) / out_size
-    centres = torch.arange(out_size, device=start.device, dtype=torch.float32) + 0.5
-    centres = torch.where(flips.view(-1, 1), out_size - centres, centres)   # B x out, mirrored
-    centres = first.view(-1, 1) + centres * scale.view(-1, 1)     # B x out, input pixels
-    pixels = torch.arange(in_size, device=start.device, dtype=torch.float32) + 0.5
-    distance = (pixels - centres.unsqueeze(-1)).abs()             # B x out x in
-    weights = (1 - distance / scale.clamp(min=1).view(-1, 1, 1)).clamp_(min=0)
-    weights *= (pixels > first.view(-1, 1, 1)) & (pixels < last.view(-1, 1, 1))   # segment only
-    return weights / weights.sum(dim=-1, keepdim=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loss
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def negative_cosine(p, z):
-    """Eq. 2 per position: -cos(p, stopgrad(z)) along dim 1, in float32. B x C [x ...] -> B [x ...]."""
+    """Eq. 2 per position: -cos(p, stopgrad(z)) along dim 1, float32. B x C [x ...] -> B [x ...]."""
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=1)
 
 
 def ce_similarity(p, z):
-    """Eq. 3 per position: cross-entropy between class distributions along dim 1, target stop-gradded.
+    """Eq. 3 per position: cross-entropy between class distributions along dim 1, target
+    stop-gradded.
 
     NOTE: the paper writes -softmax(p) . log softmax(z); the released code uses the target z as the
     distribution and p inside the log, -softmax(z) . log softmax(p), a proper cross-entropy of p
@@ -551,40 +485,44 @@ DISTANCES = {"cosine": negative_cosine, "ce": ce_similarity}
 
 
 def simsiam_loss(p1, z1, p2, z2):
-    """SimSiam on global embeddings: 1/2 D(p1, sg z2) + 1/2 D(p2, sg z1), D = negative cosine. Range [-1, 1]."""
+    """SimSiam on global embeddings: 1/2 D(p1, sg z2) + 1/2 D(p2, sg z1), D = negative cosine.
+    Range [-1, 1]."""
     return 0.5 * negative_cosine(p1, z2).mean() + 0.5 * negative_cosine(p2, z1).mean()
 
 
 def masked_mean(per_image, valid):
-    """Mean of per-image values over the images where valid is True (0, still in the graph, when there are none)."""
+    """Mean of per-image values over the images where valid is True (0, still in the graph, when
+    there are none)."""
     weights = valid.to(per_image.dtype)
     return (per_image * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def pixsim_loss(p1, z1, p2, z2, valid=None, distance="cosine"):
-    """Eq. 1 on dense outputs (B x C x K x K, or whole aligned maps): symmetric, stop-gradient on z, mean over
-    positions then over images; valid (B bool) masks out images whose two crops do not overlap."""
+    """Eq. 1 on dense outputs (B x C x K x K, or whole aligned maps): symmetric, stop-gradient on
+    z, mean over positions then over images; valid (B bool) masks out images whose two crops do
+    not overlap."""
     dist = DISTANCES[distance]
     per_image = (0.5 * dist(p1, z2) + 0.5 * dist(p2, z1)).flatten(1).mean(1)   # B
     return per_image.mean() if valid is None else masked_mean(per_image, valid)
 
 
 def region_embeddings(region_logits, feats):
-    """Eq. 4: e[n] = sum over positions of softmax_n(logits) * feats. B x N x ..., B x C x ... -> B x N x C.
+    """Eq. 4: e[n] = sum over positions of softmax_n(logits) * feats. B x N x ..., B x C x ... ->
+    B x N x C.
 
-    NOTE: masks are the softmax over the N channels of z (released code; Eq. 4 writes z itself). A sum, not a mean
-    (Eq. 4 and the code); gradients flow through the masks, as in the code."""
+    NOTE: masks are the softmax over the N channels of z (released code; Eq. 4 writes z itself).
+    A sum, not a mean (Eq. 4 and the code); gradients flow through the masks, as in the code."""
     masks = F.softmax(region_logits.float().flatten(2), dim=1)            # B x N x P
     return torch.einsum("bnp,bcp->bnc", masks, feats.float().flatten(2))  # B x N x C
 
 
 def region_contrast(u, v, temperature):
-    """Eq. 6 per image: InfoNCE of region n of u against every region of v of the SAME image; positive = region n.
+    """Eq. 6 per image: InfoNCE of region n of u against every region of v of the SAME image;
+    positive = region n. u, v: B x N x D -> B values (mean over regions).
 
-    u, v: B x N x D -> B values (mean over regions).
-    NOTE: Eq. 6 uses raw dot products and sums over regions; the released code l2-normalises u and v
-    (kernel_norm=True), divides by T = 0.1 and averages over regions. We follow the code. v is NOT stop-gradded
-    (neither Eq. 5 nor the code detaches it)."""
+    NOTE: Eq. 6 uses raw dot products and sums over regions; the released code l2-normalises u
+    and v (kernel_norm=True), divides by T = 0.1 and averages over regions. We follow the code.
+    v is NOT stop-gradded (neither Eq. 5 nor the code detaches it)."""
     u, v = F.normalize(u.float(), dim=-1), F.normalize(v.float(), dim=-1)
     logits = torch.einsum("bnd,bmd->bnm", u, v) / temperature            # B x N x N
     return -torch.diagonal(F.log_softmax(logits, dim=-1), dim1=1, dim2=2).mean(1)
@@ -592,18 +530,20 @@ def region_contrast(u, v, temperature):
 
 def regionsim_loss(u1, v1, u2, v2, temperature, valid=None):
     """Eq. 5: 1/2 Lc(u1, v2) + 1/2 Lc(u2, v1), averaged over (valid) images."""
-    per_image = 0.5 * region_contrast(u1, v2, temperature) + 0.5 * region_contrast(u2, v1, temperature)
+    per_image = (0.5 * region_contrast(u1, v2, temperature)
+                 + 0.5 * region_contrast(u2, v1, temperature))
     return per_image.mean() if valid is None else masked_mean(per_image, valid)
 
 
 def self_label_loss(logits, target_logits, rebalance):
-    """L_seg of Sec. 4: cross-entropy of logits against the pseudo-labels argmax(stopgrad(target_logits)) (dim 1).
+    """L_seg of Sec. 4: cross-entropy of logits against the pseudo-labels
+    argmax(stopgrad(target_logits)) (dim 1).
 
-    NOTE: with rebalance each pixel loss is multiplied by the batch frequency of its pseudo-class, as the released
-    code does (rebalance_seg=True: F.cross_entropy(weight=frequency, reduction='none')). The weights are raw
-    frequencies, not renormalised, so frequent classes weigh MORE and the term is ~1/N of the unweighted one; the
-    paper calls it "class-balanced". We keep the code's behaviour: its numbers are the published
-    ones (test_d2_self_label_loss)."""
+    NOTE: with rebalance each pixel loss is multiplied by the batch frequency of its pseudo-class,
+    as the released code does (rebalance_seg=True: F.cross_entropy(weight=frequency,
+    reduction='none')). The weights are raw frequencies, not renormalised, so frequent classes
+    weigh MORE and the term is ~1/N of the unweighted one; the paper calls it "class-balanced". We
+    keep the code's behaviour: its numbers are the published ones (test_d2_self_label_loss)."""
     labels = target_logits.detach().argmax(dim=1)                          # B x H x W
     weight = None
     if rebalance:
@@ -613,26 +553,28 @@ def self_label_loss(logits, target_logits, rebalance):
 
 
 def auto_loss_weights(num_classes, num_aux_classes):
-    """Sec. 4: lambda1 = log N_aux / (log N + log N_aux) (main head), lambda4 = log N / (...) (aux head)."""
+    """Sec. 4: lambda1 = log N_aux / (log N + log N_aux) (main head), lambda4 = log N / (...)
+    (aux head)."""
     denominator = math.log(num_classes) + math.log(num_aux_classes)
     return math.log(num_aux_classes) / denominator, math.log(num_classes) / denominator
 
 
 def region_weight_at(step, total_steps, start_fraction, weight):
-    """RegionSim weight at a step: 0 before start_fraction of training, `weight` from then on (Table 4f)."""
+    """RegionSim weight at a step: 0 before start_fraction of training, `weight` from then on
+    (Table 4f)."""
     return weight if step >= int(start_fraction * total_steps) else 0.0
 
 
 def densesiam_loss(outputs, valid, dense_weight, region_weight, cfg):
-    """Eq. 7: L_sim + lambda1 L_dense + lambda2 L_region. Returns (total, dict of the terms, detached)."""
+    """Eq. 7: L_sim + lambda1 L_dense + lambda2 L_region. Returns (total, the terms detached)."""
     first, second = outputs
     terms = dict(sim=simsiam_loss(first["p"], first["z"], second["p"], second["z"]),
-                 dense=pixsim_loss(first["dense_p"], first["dense_z"], second["dense_p"], second["dense_z"], valid,
-                                   cfg.dense_loss))
+                 dense=pixsim_loss(first["dense_p"], first["dense_z"], second["dense_p"],
+                                   second["dense_z"], valid, cfg.dense_loss))
     total = terms["sim"] + dense_weight * terms["dense"]
     if region_weight > 0:
-        terms["region"] = regionsim_loss(first["u"], first["v"], second["u"], second["v"], cfg.region_temperature,
-                                         valid)
+        terms["region"] = regionsim_loss(first["u"], first["v"], second["u"], second["v"],
+                                         cfg.region_temperature, valid)
         total = total + region_weight * terms["region"]
     return total, {f"loss_{name}": value.detach() for name, value in terms.items()}
 
@@ -641,280 +583,125 @@ def seg_loss(outputs, region_weight, cfg):
     """Eq. 8: lambda1 L_dense + lambda4 L_aux (log-N weights) + lambda3 L_seg + lambda2 L_region."""
     first, second = outputs
     w_dense, w_aux = auto_loss_weights(cfg.num_classes, cfg.num_aux_classes)
-    terms = dict(dense=pixsim_loss(first["p"], first["z"], second["p"], second["z"], distance=cfg.dense_loss),
+    terms = dict(dense=pixsim_loss(first["p"], first["z"], second["p"], second["z"],
+                                   distance=cfg.dense_loss),
                  aux=pixsim_loss(first["aux_p"], first["aux_z"], second["aux_p"], second["aux_z"],
                                  distance=cfg.dense_loss),
                  seg=0.5 * (self_label_loss(first["z"], first["z"], cfg.rebalance)
                             + self_label_loss(second["z"], second["z"], cfg.rebalance)))
     total = w_dense * terms["dense"] + w_aux * terms["aux"] + cfg.seg_weight * terms["seg"]
     if region_weight > 0:
-        terms["region"] = regionsim_loss(first["u"], first["v"], second["u"], second["v"], cfg.region_temperature)
+        terms["region"] = regionsim_loss(first["u"], first["v"], second["u"], second["v"],
+                                         cfg.region_temperature)
         total = total + region_weight * terms["region"]
     return total, {f"loss_{name}": value.detach() for name, value in terms.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Seg data: built-in synthetic segmentation set and a COCO-Stuff-27 style folder
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _class_appearance(num_classes):
-    """Fixed per-class colour (evenly spaced hues) and stripe texture (angle, frequency), the same in every split."""
-    classes = torch.arange(num_classes, dtype=torch.float32)
-    hue = classes / num_classes
-    colour = 0.5 + 0.35 * torch.cos(2 * math.pi * (hue[:, None] + torch.tensor([0.0, 1 / 3, 2 / 3])))  # C x 3
-    angle = math.pi * ((classes * 0.37) % 1.0)
-    frequency = 3.0 + 2.0 * (classes % 3)                                  # stripe cycles per image width
-    return colour, angle, frequency
-
-
-def make_synthetic_segmentation(num_images, image_size=64, seed=0, num_things=3, num_stuff=3):
-    """Built-in segmentation set: blobby "stuff" regions covering the image plus one or two "thing" shapes on top.
-
-    Every class has a fixed appearance (its own hue and stripe orientation/frequency), so classes are recognisable
-    from local colour and texture, which is what unsupervised segmentation can discover; per-image nuisances
-    (brightness, colour shift, stripe phase, noise, layout) vary. Classes 0..num_things-1 are things, the rest stuff
-    (COCO-Stuff-27 also lists its 12 things first). Deterministic from `seed`.
-    NOTE: common.make_synthetic labels whole images (one scene per class); segmentation needs per-pixel labels and
-    class-specific appearance, hence this generator.
-    Returns (images N x 3 x S x S uint8, labels N x S x S int64 in [0, num_things + num_stuff)).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    g = dict(generator=generator)
-    n, s, num_classes = num_images, image_size, num_things + num_stuff
-    coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")                 # S x S
-    # stuff: one smooth random field per stuff class; each pixel takes the class with the largest field
-    fields = F.interpolate(torch.rand(n, num_stuff, 3, 3, **g), size=(s, s), mode="bicubic", align_corners=False)
-    labels = num_things + fields.argmax(dim=1)                             # N x S x S
-    # things: one shape per image, a second one half of the time (disc, square or diamond)
-    for index in range(2):
-        present = torch.rand(n, 1, 1, **g) < (1.0 if index == 0 else 0.5)
-        thing = torch.randint(0, num_things, (n, 1, 1), **g)
-        kind = torch.randint(0, 3, (n, 1, 1), **g)
-        radius = 0.2 + 0.2 * torch.rand(n, 1, 1, **g)
-        cx, cy = (torch.rand(n, 1, 1, **g) * 2 - 1) * 0.7, (torch.rand(n, 1, 1, **g) * 2 - 1) * 0.7
-        dx, dy = (xx - cx).abs(), (yy - cy).abs()
-        inside = torch.where(kind == 0, dx ** 2 + dy ** 2 < radius ** 2,
-                             torch.where(kind == 1, torch.maximum(dx, dy) < radius * 0.85, dx + dy < radius * 1.2))
-        labels = torch.where(present & inside, thing, labels)
-    # appearance: class colour (shifted per image) + class stripes (random phase per image) + noise
-    colour, angle, frequency = _class_appearance(num_classes)
-    shift = 0.08 * (torch.rand(n, num_classes, 3, **g) * 2 - 1)             # N x C x 3
-    phase = 2 * math.pi * torch.rand(n, num_classes, **g)                   # N x C
-    rows = torch.arange(n)[:, None, None]
-    pixel_colour = (colour[labels] + shift[rows, labels]).permute(0, 3, 1, 2)   # N x 3 x S x S
-    direction = xx * torch.cos(angle[labels]) + yy * torch.sin(angle[labels])   # N x S x S
-    stripes = torch.sin(math.pi * frequency[labels] * direction + phase[rows, labels])
-    brightness = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, **g)
-    images = (pixel_colour + 0.12 * stripes.unsqueeze(1)) * brightness + 0.03 * torch.randn(n, 3, s, s, **g)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
-
-
-class SegFolder(common.SegmentationPairs):
-    """COCO-Stuff-27 style folder: <root>/images/<split>/NAME.jpg|png and <root>/labels/<split>/NAME.png.
-
-    Labels are single-channel PNGs holding class ids 0..N-1 (27-class curated COCO-Stuff: things 0-11, stuff
-    12-26) and 255 for unlabelled pixels. NOTE: the released code reads the raw COCO-Stuff maps and the PiCIE
-    curated image lists and maps the 182 fine labels to 27 on the fly; we expect that mapping done once, offline.
-    Items: (image uint8 3 x L x L, label int64 L x L), shorter side resized to L (labels: nearest) and centre-cropped.
-    Read by common.SegmentationPairs (eval_linear.py --dense reads this layout too).
-    """
-
-    def __init__(self, root, split, size):
-        root = Path(root)
-        super().__init__(common.paired_files(root / "images" / split, root / "labels" / split, root,
-                                             "images/<split>/, labels/<split>/"), size)
-
-
-def make_seg_loader(cfg, split, batch_per_rank, dist, size, shuffle, drop_last):
-    """Loader yielding (images uint8 B x 3 x L x L, labels int64 B x L x L) on the device, L = size.
-
-    The built-in set draws its scenes at this size (the same scenes at any size, up to noise)."""
-    if cfg.data == "synthetic":
-        n_train, n_val = cfg.synthetic_size, max(cfg.synthetic_size // 4, 8)
-        images, labels = make_synthetic_segmentation(n_train + n_val, size, seed=12345,
-                                                     num_things=cfg.num_things,
-                                                     num_stuff=cfg.num_classes - cfg.num_things)
-        part = slice(0, n_train) if split == "train" else slice(n_train, None)
-        loader = common.TensorLoader(images[part].to(dist.device), labels[part].to(dist.device), batch_per_rank,
-                                     dist.rank, dist.world_size, cfg.seed, shuffle, drop_last)
-    else:
-        dataset = SegFolder(cfg.data, split, size)
-        loader = common.FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, cfg.seed, dist.device,
-                                     cfg.workers, shuffle, drop_last)
-    if len(loader) == 0:
-        raise InputError(f"--data {cfg.data} ({split}): fewer images than one batch of {batch_per_rank} per rank "
-                         f"x {dist.world_size} ranks")
-    return loader
-
+# --------------------------------------------------------------------------------------------------
+# Train loop (both tasks; --task seg: the FPN segmenter, its views, Eq. 8 and an mIoU monitor)
+# --------------------------------------------------------------------------------------------------
 
 def make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size):
-    """Training loader at load_size px (the views are cut from it); val loader at eval_size px,
-    labels included: the released evaluation resizes val images (bilinear) and labels (nearest) to
-    320 px and scores there (ZwwWayne/DenseSiam densesiam/datasets/coco_eval_dataset.py; res=320
-    in the config)."""
-    train_loader = make_seg_loader(cfg, "train", batch_per_rank, dist, load_size, shuffle=True,
-                                   drop_last=True)
-    val_loader = make_seg_loader(cfg, "val", max(1, min(64, batch_per_rank)), dist, eval_size,
-                                 shuffle=False, drop_last=False)
+    """Seg mode's loaders of (images uint8, labels int64) on the device: training images at
+    load_size px (the views are cut from them), val images and labels at eval_size px, as the
+    released evaluation resizes them (bilinear, nearest) to 320 px and scores there
+    (ZwwWayne/DenseSiam densesiam/datasets/coco_eval_dataset.py; res=320 in the config). Built in:
+    make_synthetic_segmentation's scenes of the config's classes; a folder: the COCO-Stuff layout
+    cocostuff.py writes (things first, as --num-things counts them)."""
+    data = dict(synthetic_size=cfg.synthetic_size, layout="cocostuff",
+                classes=(cfg.num_things, cfg.num_classes - cfg.num_things))
+    train_loader = common.make_dense_loader(cfg.data, "train", load_size, batch_per_rank, dist,
+                                            cfg.seed, cfg.workers, **data)
+    val_batch = max(1, min(64, batch_per_rank))
+    val_loader = common.make_dense_loader(cfg.data, "val", eval_size, val_batch, dist, cfg.seed,
+                                          cfg.workers, shuffle=False, drop_last=False, **data)
     return train_loader, val_loader
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Seg evaluation: confusion matrix over the val set, Hungarian matching, mIoU
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _hungarian_python(cost):
-    """Minimum-cost perfect assignment of a square cost matrix (list of lists): Kuhn-Munkres with row/column
-    potentials and shortest augmenting paths, O(n^3). Returns the column of every row."""
-    n, inf = len(cost), float("inf")
-    row_pot, col_pot = [0.0] * (n + 1), [0.0] * (n + 1)
-    row_of_col, prev_col = [0] * (n + 1), [0] * (n + 1)                   # 1-based; column 0 is a virtual start
-    for row in range(1, n + 1):
-        row_of_col[0], col = row, 0
-        min_slack, used = [inf] * (n + 1), [False] * (n + 1)
-        while True:                                                        # grow the tree until a free column
-            used[col] = True
-            current_row, delta, next_col = row_of_col[col], inf, 0
-            for j in range(1, n + 1):
-                if used[j]:
-                    continue
-                slack = cost[current_row - 1][j - 1] - row_pot[current_row] - col_pot[j]
-                if slack < min_slack[j]:
-                    min_slack[j], prev_col[j] = slack, col
-                if min_slack[j] < delta:
-                    delta, next_col = min_slack[j], j
-            for j in range(n + 1):
-                if used[j]:
-                    row_pot[row_of_col[j]] += delta
-                    col_pot[j] -= delta
-                else:
-                    min_slack[j] -= delta
-            col = next_col
-            if row_of_col[col] == 0:
-                break
-        while col:                                                         # flip the augmenting path
-            previous = prev_col[col]
-            row_of_col[col] = row_of_col[previous]
-            col = previous
-    assignment = [0] * n
-    for j in range(1, n + 1):
-        assignment[row_of_col[j] - 1] = j - 1
-    return assignment
-
-
-def linear_assignment(cost):
-    """Row -> column minimum-cost assignment of a square matrix: scipy when installed (an optional extra), else the
-    pure-Python Kuhn-Munkres above (exact; well under a second for the 27 classes of COCO-Stuff)."""
-    cost = torch.as_tensor(cost, dtype=torch.float64).cpu()
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:
-        return torch.tensor(_hungarian_python(cost.tolist()))
-    rows, cols = linear_sum_assignment(cost.numpy())
-    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
-
-
-def segmentation_scores(confusion, thing_classes=()):
-    """Match clusters to classes one-to-one maximising matched pixels (Hungarian), then mIoU and pixel accuracy.
-
-    Returns dict(miou, pixel_acc, [miou_things, miou_stuff], cluster_to_class: cluster k is read as that class).
-    Classes absent from both ground truth and matched predictions are left out of the means.
-    miou_things / miou_stuff (mIoU^Th / mIoU^St, Table 3) as the released evaluator computes them
-    (ZwwWayne/DenseSiam densesiam/core/evaluators/cluster_mIoU_evaluator.py, evaluate(); the same
-    as PiCIE's commons.py evaluate()): the SAME matching as miou, then the mIoU of the things x
-    things and stuff x stuff blocks of the matched matrix. A thing pixel predicted as a stuff class
-    counts against neither group, so both can exceed the overall mIoU (Table 3: 16.4 overall with
-    24.5 stuff and 29.5 things).
-    NOTE: the released code permutes the ROWS of the confusion matrix into cluster order and takes
-    its first 12 rows and columns: the classes matched to clusters 0-11, which depends on the
-    network's arbitrary channel order (its comment says "re-ordered to 12 thing + 15 stuff
-    classes"). We take the thing and stuff classes' blocks, as that comment and the paper
-    (Sec. 5.1, "mean IoU of stuff and things classes") intend.
-    NOTE: a present class whose block row and column are empty (all its pixels predicted as the
-    other group, its cluster used only there) scores IoU 0 here; the released nanmean skips it."""
-    confusion = confusion.double().cpu()
-    cluster_to_class = linear_assignment(confusion.max() - confusion.t())  # rows: clusters, columns: classes
-    matched = torch.zeros_like(confusion)
-    matched[:, cluster_to_class] = confusion                              # predicted cluster k -> its class column
-    present = (matched.sum(0) + matched.sum(1)) > 0          # in the labels or matched predictions
-    scores = dict(miou=mean_iou(matched, present), cluster_to_class=cluster_to_class,
-                  pixel_acc=(matched.diag().sum() / matched.sum().clamp(min=1)).item())
-    if len(thing_classes):
-        is_thing = torch.zeros(len(matched), dtype=torch.bool)
-        is_thing[list(thing_classes)] = True
-        for name, group in (("miou_things", is_thing), ("miou_stuff", ~is_thing)):
-            scores[name] = mean_iou(matched[group][:, group], present[group])
-    return scores
 
 
 @torch.no_grad()
 def evaluate_segmentation(model, loader, num_classes, num_things, eval_size, autocast_dtype=None):
-    """argmax of g(f(x)) upsampled (bilinear) to the label size, confusion matrix summed over the val set and ranks."""
+    """argmax of g(f(x)) upsampled (bilinear) to the label size, one confusion matrix over the val
+    set and ranks, scored after Hungarian matching (common.matched_segmentation_iou)."""
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=next(model.parameters()).device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long,
+                            device=next(model.parameters()).device)
     for images, labels in loader:
         x = common.eval_transform(images, eval_size)
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
             logits = model.segment(x)
-        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        confusion += common.confusion_matrix(logits.argmax(dim=1), labels, num_classes)
     if torch_dist.is_initialized():
         torch_dist.all_reduce(confusion)
     model.train(was_training)
-    return segmentation_scores(confusion, range(num_things))
+    return common.matched_segmentation_iou(confusion, range(num_things))
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Train loop (pretraining)
-# ---------------------------------------------------------------------------------------------------------------------
 
 def train(cfg, dist):
+    seg = cfg.task == "seg"
+    method = "densesiam-seg" if seg else "densesiam"
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
     autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
+    if seg:
+        load_size = cfg.load_size or 2 * cfg.image_size
+        eval_size = cfg.eval_size or cfg.image_size
+        train_loader, val_loader = make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size)
+    else:
+        train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8, on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
 
-    model = DenseSiam(cfg).to(dist.device, memory_format=memory_format)
+    model = (SegDenseSiam if seg else DenseSiam)(cfg).to(dist.device, memory_format=memory_format)
+    if cfg.init:
+        common.load_torchvision_weights(model.backbone, cfg.init)
     if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # NOTE: SimSiam's SGD decays every parameter (BN and biases included); no LARS. SimSiam's optional fixed
-    # predictor lr is not used (the DenseSiam paper does not mention it).
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # NOTE: SimSiam's SGD decays every parameter (BN and biases included); no LARS. SimSiam's
+    # optional fixed predictor lr is not used (the DenseSiam paper does not mention it).
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
-        state = common.load_checkpoint(f"{cfg.out}/last.pt", method="densesiam")
-        common.check_resume_compatible(state, cfg)
+        state = common.load_checkpoint(f"{cfg.out}/last.pt", method=method)
+        common.check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "epochs",
+                                                         "batch_size", "num_classes",
+                                                         "num_aux_classes"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         common.set_rng_state(state["rng"])
         step = state["step"]
         print0(f"resumed from {cfg.out}/last.pt at step {step}")
 
-    # The RegionSim heads get no gradient before region_start: DDP must be told that some parameters may be unused.
+    # The RegionSim heads get no gradient before region_start: DDP must be told that some
+    # parameters may be unused.
     region_switches_on = cfg.region_weight > 0 and cfg.region_start > 0
-    ddp_model = (DistributedDataParallel(model, find_unused_parameters=region_switches_on) if dist.world_size > 1
-                 else model)
+    ddp_model = (DistributedDataParallel(model, find_unused_parameters=region_switches_on)
+                 if dist.world_size > 1 else model)
     online_forward = torch.compile(ddp_model) if cfg.compile else ddp_model
     common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
 
-    common.print_run_header("densesiam", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
-                                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                                        region_start_step=int(cfg.region_start * total_steps)))
+    derived = dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps, region_start_step=int(cfg.region_start * total_steps))
+    if seg:
+        w_dense, w_aux = auto_loss_weights(cfg.num_classes, cfg.num_aux_classes)
+        derived.update(load_size=load_size, eval_size=eval_size, dense_weight=round(w_dense, 6),
+                       aux_weight=round(w_aux, 6))
+    common.print_run_header(method, cfg, dist, derived)
     log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
     stop = common.StopSignal()
 
     def save(epoch, reason):
         if dist.is_main:
-            state = dict(method="densesiam", config=common.config_dict(cfg), step=step, epoch=epoch,
+            state = dict(method=method, config=common.config_dict(cfg), step=step, epoch=epoch,
                          model=model.state_dict(), optimizer=optimizer.state_dict(),
                          rng=common.rng_state(), world_size=dist.world_size)
             common.save_checkpoint(state, out / "last.pt")
@@ -925,38 +712,64 @@ def train(cfg, dist):
     def knn(epoch):
         if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
             return None
-        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
-                                      memory_format)
+        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size,
+                                      autocast_dtype, memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
         log.write(epoch=epoch, step=step, knn_top1=accuracy)
         return accuracy
 
-    if step == 0 and cfg.knn_every > 0:
-        knn(0)  # the random-init baseline every report compares against
-    accuracy = None
-    empty_pairs = torch.zeros((), dtype=torch.long, device=dist.device)   # images without crop overlap since last log
+    def miou(epoch):  # seg: Hungarian-matched mIoU of the segmenter on val
+        scores = evaluate_segmentation(model, val_loader, cfg.num_classes, cfg.num_things,
+                                       eval_size, autocast_dtype)
+        scores.pop("cluster_to_class")
+        print0(f"epoch {epoch}: mIoU {100 * scores['miou']:.2f}%  pixel acc "
+               f"{100 * scores['pixel_acc']:.2f}%  things {100 * scores['miou_things']:.2f}%  "
+               f"stuff {100 * scores['miou_stuff']:.2f}%")
+        log.write(epoch=epoch, step=step, **scores)
+        return scores
+
+    monitor, monitor_every = (miou, cfg.eval_every) if seg else (knn, cfg.knn_every)
+    key = "scores" if seg else "knn"  # what train() returns the last monitor's result as
+    if step == 0 and (seg or cfg.knn_every > 0):
+        monitor(0)  # the random-init baseline every report compares against
+    monitored = None
+    empty_pairs = torch.zeros((), dtype=torch.long, device=dist.device)  # crops without overlap
     timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main,
+                              desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
-        for images, _ in bar:
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+        for images, _ in bar:  # seg: the labels are never used for training
+            # NOTE: seg: constant lr (Sec. 5.1: "the constant learning schedule works better")
+            lr = peak_lr if seg else lr_at(step, total_steps, warmup_steps, peak_lr)
             region_weight = region_weight_at(step, total_steps, cfg.region_start, cfg.region_weight)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
-            views, boxes, flips = zip(*(augment(images, common.SIMSIAM_VIEW, cfg.image_size, generator)
-                                        for _ in range(2)))
+            if seg:  # photometric copies of the whole image, then one crop and flip for both
+                pixels = images.float().div_(255)
+                colour1 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
+                colour2 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
+                geometry = seg_crop_boxes(len(images), load_size, cfg.crop_scale, generator,
+                                          images.device)
+                views = seg_views(colour1, colour2, *geometry, cfg.image_size)
+            else:  # SimSiam views, read by PixSim at the K x K points of their crops' intersection
+                views, boxes, flips = zip(*(augment(images, common.SIMSIAM_VIEW, cfg.image_size,
+                                                    generator) for _ in range(2)))
+                *geometry, valid = intersection_grids(boxes[0], flips[0], boxes[1], flips[1],
+                                                      cfg.grid_size)
+                empty_pairs += (~valid).sum()
             views = [view.contiguous(memory_format=memory_format) for view in views]
-            grid1, grid2, valid = intersection_grids(boxes[0], flips[0], boxes[1], flips[1], cfg.grid_size)
-            empty_pairs += (~valid).sum()
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
-                outputs = online_forward(views, (grid1, grid2), region_weight > 0)
-            loss, terms = densesiam_loss(outputs, valid, cfg.dense_weight, region_weight, cfg)
+                outputs = online_forward(views, geometry, region_weight > 0)
+            if seg:
+                loss, terms = seg_loss(outputs, region_weight, cfg)
+            else:
+                loss, terms = densesiam_loss(outputs, valid, cfg.dense_weight, region_weight, cfg)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -966,154 +779,39 @@ def train(cfg, dist):
 
             at_epoch_end = step % steps_per_epoch == 0
             stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
-            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            checkpoint_now = (stopping or at_epoch_end
+                              or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0))
             if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
                 values = common.check_finite(step, dict(loss=loss, **terms), f"{cfg.out}/last.pt")
                 empty = round(common.all_reduce_mean(empty_pairs.float()).item() * dist.world_size)
                 empty_pairs.zero_()
                 images_per_s, data_wait = timer.rate()
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", empty=empty, img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, **values, region_weight=region_weight, empty_intersections=empty,
-                          lr=lr, images_per_s=images_per_s, data_wait=data_wait)
-            if checkpoint_now and not at_epoch_end:
-                save(epoch, "step")
-            if stopping:
-                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
-                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
-                return dict(model=model, step=step, knn=None)
-        bar.close()
-        last_epoch = epoch + 1 == cfg.epochs
-        save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
-        if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            accuracy = knn(epoch + 1)
-    print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
-    return dict(model=model, step=step, knn=accuracy)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Train loop (unsupervised semantic segmentation, --task seg)
-# ---------------------------------------------------------------------------------------------------------------------
-
-def train_seg(cfg, dist):
-    torch.manual_seed(cfg.seed)
-    out = common.prepare_output_dir(cfg.out) if dist.is_main else None
-    autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
-    world_batch = cfg.batch_size
-    batch_per_rank = world_batch // dist.world_size
-    load_size = cfg.load_size or 2 * cfg.image_size
-    eval_size = cfg.eval_size or cfg.image_size
-    train_loader, val_loader = make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    lr = cfg.base_lr * world_batch / 256  # NOTE: constant lr (Sec. 5.1: "the constant learning schedule works better")
-
-    model = SegDenseSiam(cfg).to(dist.device, memory_format=memory_format)
-    if cfg.init:
-        load_init_weights(model.backbone, cfg.init)
-    if cfg.sync_bn and dist.device.type == "cuda" and dist.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    step = 0
-    if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
-        state = common.load_checkpoint(f"{cfg.out}/last.pt", method="densesiam-seg")
-        common.check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "batch_size", "epochs",
-                                                         "num_classes", "num_aux_classes"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        step = state["step"]
-        print0(f"resumed from {cfg.out}/last.pt at step {step}")
-
-    region_switches_on = cfg.region_weight > 0 and cfg.region_start > 0
-    ddp_model = (DistributedDataParallel(model, find_unused_parameters=region_switches_on) if dist.world_size > 1
-                 else model)
-    online_forward = torch.compile(ddp_model) if cfg.compile else ddp_model
-    common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
-
-    w_dense, w_aux = auto_loss_weights(cfg.num_classes, cfg.num_aux_classes)
-    common.print_run_header("densesiam --task seg", cfg, dist, dict(
-        lr=lr, batch_per_rank=batch_per_rank, load_size=load_size, eval_size=eval_size, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, region_start_step=int(cfg.region_start * total_steps),
-        dense_weight=round(w_dense, 6), aux_weight=round(w_aux, 6)))
-    log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
-    stop = common.StopSignal()
-
-    def save(epoch, reason):
-        if dist.is_main:
-            state = dict(method="densesiam-seg", config=common.config_dict(cfg), step=step, epoch=epoch,
-                         model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         rng=common.rng_state(), world_size=dist.world_size)
-            common.save_checkpoint(state, out / "last.pt")
-            if reason == "keep":
-                common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")
-        common.barrier()
-
-    def evaluate(epoch):
-        scores = evaluate_segmentation(model, val_loader, cfg.num_classes, cfg.num_things, eval_size, autocast_dtype)
-        scores.pop("cluster_to_class")
-        print0(f"epoch {epoch}: mIoU {100 * scores['miou']:.2f}%  pixel acc {100 * scores['pixel_acc']:.2f}%  "
-               f"things {100 * scores['miou_things']:.2f}%  stuff {100 * scores['miou_stuff']:.2f}%")
-        log.write(epoch=epoch, step=step, **scores)
-        return scores
-
-    if step == 0:
-        evaluate(0)  # the network at initialisation: the number every report compares against
-    scores = None
-    timer = common.Timer(dist.device)  # images/s and data-wait fraction between log points
-    start_epoch = step // steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                              initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
-        for images, _ in bar:  # labels are never used for training
-            region_weight = region_weight_at(step, total_steps, cfg.region_start, cfg.region_weight)
-            generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
-            # photometric views of the whole image (independent draws), then one geometric transform shared by both
-            pixels = images.float().div_(255)
-            colour1 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
-            colour2 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
-            boxes, flips = seg_crop_boxes(images.shape[0], load_size, cfg.crop_scale, generator, images.device)
-            view1, view2 = seg_views(colour1, colour2, boxes, flips, cfg.image_size)
-            with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                outputs = online_forward(view1.contiguous(memory_format=memory_format),
-                                         view2.contiguous(memory_format=memory_format), boxes, flips, region_weight > 0)
-            loss, terms = seg_loss(outputs, region_weight, cfg)
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            timer.add(images.shape[0] * dist.world_size)
-
-            at_epoch_end = step % steps_per_epoch == 0
-            stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
-            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
-            if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
-                values = common.check_finite(step, dict(loss=loss, **terms), f"{cfg.out}/last.pt")
-                images_per_s, data_wait = timer.rate()
-                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, **values, region_weight=region_weight, lr=lr,
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", empty=empty,
+                                img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **values, region_weight=region_weight,
+                          empty_intersections=empty, lr=lr,
                           images_per_s=images_per_s, data_wait=data_wait)
             if checkpoint_now and not at_epoch_end:
                 save(epoch, "step")
             if stopping:
-                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
-                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
-                return dict(model=model, step=step, scores=None)
+                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); "
+                       "resume with --resume")
+                stop.exit_if_received()  # on a signal: exit 128 + signal number, checkpoint saved
+                return dict(model=model, step=step, **{key: None})
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
         save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
-        if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            scores = evaluate(epoch + 1)
-    print0(f"done: {cfg.out}/last.pt" + (f", final mIoU {100 * scores['miou']:.2f}%" if scores else ""))
-    return dict(model=model, step=step, scores=scores)
+        if last_epoch or (monitor_every and (epoch + 1) % monitor_every == 0):
+            monitored = monitor(epoch + 1)
+    final = "" if monitored is None else (f", final mIoU {100 * monitored['miou']:.2f}%"
+                                          if seg else f", final kNN top-1 {monitored:.2f}%")
+    print0(f"done: {cfg.out}/last.pt{final}")
+    return dict(model=model, step=step, **{key: monitored})
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Show
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def show(cfg, dist):
     """--show: <out>/show.png, the two views of four images as train() makes them at step 0, with
@@ -1144,14 +842,13 @@ def show(cfg, dist):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = parse_config(argv)
         dist = common.setup_distributed(cfg.device or None)
         check_config(cfg, dist.world_size)
-        if cfg.task == "pretrain" and cfg.show:
+        if cfg.show:
             return show(cfg, dist)
-        return train_seg(cfg, dist) if cfg.task == "seg" else train(cfg, dist)
+        return train(cfg, dist)
     except InputError as error:
         common.die(str(error))
     except common.TrainingError as error:

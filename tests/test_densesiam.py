@@ -220,13 +220,13 @@ def test_hungarian_fallback_matches_brute_force_and_scipy():
     torch.manual_seed(0)
     for n in (1, 2, 5, 6):
         cost = torch.randint(0, 20, (n, n)).double()
-        fallback = densesiam._hungarian_python(cost.tolist())
+        fallback = common._hungarian_python(cost.tolist())
         best = min(sum(cost[i, perm[i]] for i in range(n)) for perm in itertools.permutations(range(n)))
         assert sorted(fallback) == list(range(n))
         assert sum(cost[i, fallback[i]] for i in range(n)) == best
     cost = torch.rand(27, 27).double()
-    fallback = torch.tensor(densesiam._hungarian_python(cost.tolist()))
-    chosen = densesiam.linear_assignment(cost)                          # scipy when installed
+    fallback = torch.tensor(common._hungarian_python(cost.tolist()))
+    chosen = common.linear_assignment(cost)                             # scipy when installed
     assert cost[torch.arange(27), fallback].sum().item() == pytest.approx(cost[torch.arange(27), chosen].sum().item())
 
 
@@ -237,12 +237,13 @@ def test_segmentation_scores_perfect_permuted_prediction():
     target[0, 0, :4] = 255                                               # ignored pixels
     permutation = torch.randperm(num_classes)
     pred = permutation[target.clamp(max=num_classes - 1)]
-    scores = densesiam.segmentation_scores(densesiam.confusion_matrix(pred, target, num_classes), thing_classes=(0, 1))
+    scores = common.matched_segmentation_iou(common.confusion_matrix(pred, target, num_classes),
+                                             thing_classes=(0, 1))
     assert scores["miou"] == pytest.approx(1.0) and scores["pixel_acc"] == pytest.approx(1.0)
     assert scores["miou_things"] == pytest.approx(1.0) and scores["miou_stuff"] == pytest.approx(1.0)
     assert torch.equal(scores["cluster_to_class"][permutation], torch.arange(num_classes))
     random_pred = torch.randint(0, num_classes, target.shape)
-    scores = densesiam.segmentation_scores(densesiam.confusion_matrix(random_pred, target, num_classes))
+    scores = common.matched_segmentation_iou(common.confusion_matrix(random_pred, target, num_classes))
     assert 0.0 <= scores["miou"] < 0.5 and 0.0 <= scores["pixel_acc"] <= 1.0
 
 
@@ -265,7 +266,7 @@ def test_things_and_stuff_miou_by_hand():
     #   class 2: 5 / (8 + 9 - 5) = 5/12       class 3: 6 / (10 + 10 - 6) = 3/7     mean 0.451786
     # Things block [[8, 2], [1, 6]]: 8 / (10 + 9 - 8) = 8/11, 6 / (7 + 8 - 6) = 2/3: 23/33 = 0.6970
     # Stuff block [[5, 1], [2, 6]]:  5 / (6 + 7 - 5) = 5/8,   6 / (8 + 7 - 6) = 2/3: 31/48 = 0.6458
-    scores = densesiam.segmentation_scores(confusion, thing_classes=(0, 1))
+    scores = common.matched_segmentation_iou(confusion, thing_classes=(0, 1))
     assert scores["cluster_to_class"].tolist() == class_of_cluster
     assert scores["miou"] == pytest.approx((8 / 15 + 3 / 7 + 5 / 12 + 3 / 7) / 4, abs=1e-9)
     assert scores["miou_things"] == pytest.approx(23 / 33, abs=1e-9)
@@ -275,14 +276,14 @@ def test_things_and_stuff_miou_by_hand():
     # empty, IoU 0 (the released nanmean would skip it). Matching: the diagonal (11 pixels) beats
     # every other permutation (at most 6). Stuff block [[5, 1], [1, 6]]: 5/7 and 6 / (7 + 7 - 6).
     confusion = torch.tensor([[0, 0, 4], [0, 5, 1], [0, 1, 6]])
-    scores = densesiam.segmentation_scores(confusion, thing_classes=(0,))
+    scores = common.matched_segmentation_iou(confusion, thing_classes=(0,))
     assert scores["miou_things"] == 0.0
     assert scores["miou_stuff"] == pytest.approx((5 / 7 + 3 / 4) / 2, abs=1e-9)
 
 
 def test_synthetic_segmentation_set():
-    images, labels = densesiam.make_synthetic_segmentation(6, image_size=32, seed=1)
-    again, _ = densesiam.make_synthetic_segmentation(6, image_size=32, seed=1)
+    images, labels = common.make_synthetic_segmentation(6, image_size=32, seed=1)
+    again, _ = common.make_synthetic_segmentation(6, image_size=32, seed=1)
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8 and torch.equal(images, again)
     assert labels.shape == (6, 32, 32) and labels.min() >= 0 and labels.max() < 6
     assert (labels < 3).any() and (labels >= 3).any()                   # things and stuff both present
@@ -348,7 +349,7 @@ def test_regionsim_inactive_before_start_and_weights_applied():
 def seg_config(**overrides):
     values = dict(num_classes=4, num_things=1, num_aux_classes=6, fpn_dim=16, image_size=32)
     values.update(overrides)
-    return densesiam.SegConfig(**values)
+    return densesiam.Config(**{**densesiam.SEG, **values})
 
 
 def test_seg_loss_weights_and_alignment():
@@ -357,7 +358,7 @@ def test_seg_loss_weights_and_alignment():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32)
     boxes, flips = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), torch.tensor([False, True])
-    outputs = model(images, images, boxes, flips, True)
+    outputs = model([images, images], (boxes, flips), True)
     assert outputs[0]["z"].shape == (2, 4, 8, 8) and outputs[0]["aux_z"].shape == (2, 6, 8, 8)
     loss, terms = densesiam.seg_loss(outputs, 0.1, cfg)
     w_dense, w_aux = densesiam.auto_loss_weights(4, 6)
@@ -366,7 +367,8 @@ def test_seg_loss_weights_and_alignment():
     # identical views and the whole-image box without flip: both feature maps are the same map
     model.eval()
     with torch.no_grad():
-        first, second = model(images, images, boxes[:1].expand(2, 4), torch.tensor([False, False]), False)
+        first, second = model([images, images], (boxes[:1].expand(2, 4), torch.tensor([False, False])),
+                              False)
     assert torch.allclose(first["z"], second["z"], atol=1e-5)
 
 
@@ -451,7 +453,7 @@ def test_crop_resize_geometry_is_float32_under_bf16_autocast(device):
 def test_seg_evaluation_returns_fractions():
     cfg = seg_config()
     model = densesiam.SegDenseSiam(cfg)
-    images, labels = densesiam.make_synthetic_segmentation(4, 64, seed=0, num_things=1, num_stuff=3)
+    images, labels = common.make_synthetic_segmentation(4, 64, seed=0, num_things=1, num_stuff=3)
     loader = common.TensorLoader(images, labels, 2, 0, 1, 0, shuffle=False, drop_last=False)
     scores = densesiam.evaluate_segmentation(model, loader, 4, 1, 32)
     assert all(0.0 <= scores[key] <= 1.0 for key in ("miou", "pixel_acc", "miou_things", "miou_stuff"))
@@ -470,13 +472,13 @@ def test_seg_folder_layout(tmp_path):
             label[:, 24:] = 2
             label[0, 0] = 255
             Image.fromarray(label.numpy(), mode="L").save(tmp_path / "labels" / split / f"im{i}.png")
-    dataset = densesiam.SegFolder(tmp_path, "train", 32)
+    dataset = common.SegmentationPairs(common.segmentation_pairs(tmp_path, "train", "cocostuff"), 32)
     image, label = dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label.shape == (32, 32)
     assert set(label.unique().tolist()) <= {0, 2, 255}
     (tmp_path / "labels" / "val" / "im1.png").unlink()
     with pytest.raises(common.InputError, match="no label PNG"):
-        densesiam.SegFolder(tmp_path, "val", 32)
+        common.segmentation_pairs(tmp_path, "val", "cocostuff")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ dist = common.setup_distributed("cpu")
 for mode, args in (("pretrain", {pretrain!r}), ("seg", {seg!r})):   # one launch, both modes, one process group
     cfg = densesiam.parse_config(args + ["--out", f"{{sys.argv[1]}}/{{mode}}", "--device", "cpu"])
     densesiam.check_config(cfg, dist.world_size)
-    result = (densesiam.train_seg if cfg.task == "seg" else densesiam.train)(cfg, dist)
+    result = densesiam.train(cfg, dist)
     torch.save(dict(model=result["model"].state_dict(), step=result["step"]), f"{{cfg.out}}/rank{{dist.rank}}.pt")
 common.cleanup_distributed()
 """
@@ -582,8 +584,8 @@ def test_init_weights_from_a_torchvision_state_dict(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     trunk = common.ResNetTrunk("resnet18", "imagenet")
-    densesiam.load_init_weights(trunk, tmp_path / "r18.pth")
+    common.load_torchvision_weights(trunk, tmp_path / "r18.pth")
     assert torch.equal(trunk.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(common.InputError, match="not a torchvision ResNet state_dict"):
-        densesiam.load_init_weights(trunk, tmp_path / "other.pth")
+        common.load_torchvision_weights(trunk, tmp_path / "other.pth")

@@ -61,9 +61,9 @@ CASES = {
     "densesiam": (densesiam, "train", "densesiam_loss",  # RegionSim on; 32 px: see the tolerance
                   lambda: tiny(densesiam.Config, image_size=32, proj_dim=32, pred_hidden=16,
                                dense_dim=8, dense_pred_hidden=8, region_dim=16, region_start=0.0)),
-    "densesiam-seg": (densesiam, "train_seg", "seg_loss",  # evaluates under autocast at step 0
-                      lambda: tiny(densesiam.SegConfig, image_size=32, fpn_dim=16,
-                                   num_aux_classes=8, region_start=0.0)),
+    "densesiam-seg": (densesiam, "train", "seg_loss",  # evaluates under autocast at step 0
+                      lambda: tiny(densesiam.Config, **{**densesiam.SEG, **RUN, "fpn_dim": 16,
+                                                        "num_aux_classes": 8, "region_start": 0.0})),
     "lewel_b": (lewel, "train", "lewel_b_loss",
                 lambda: tiny(lewel.Config, image_size=16, **HEADS)),
     "lewel_m": (lewel, "train", "lewel_m_loss",

@@ -100,7 +100,7 @@ def parse_and_check(method, argv, world_size=8):
     """A method's config from argv, put through the checks its main() runs (8 processes, the README's)."""
     module = importlib.import_module(method)
     if method == "densesiam":
-        cfg = module.parse_config(argv)  # --task picks Config or SegConfig
+        cfg = module.parse_config(argv)  # --task seg puts the SEG values under the flags
     else:
         cfg = common.parse_config(module.Config, module.PRESETS, argv)
     module.check_config(cfg, world_size)
@@ -110,10 +110,9 @@ def parse_and_check(method, argv, world_size=8):
 def _all_presets():
     for method in METHODS:
         module = importlib.import_module(method)
-        for name in module.PRESETS:
-            yield pytest.param(method, [], name, id=f"{method}-{name}")
-        for name in getattr(module, "SEG_PRESETS", {}):
-            yield pytest.param(method, ["--task", "seg"], name, id=f"{method}-seg-{name}")
+        for name, values in module.PRESETS.items():  # densesiam's seg presets: --task seg
+            task = ["--task", "seg"] if values.get("task") == "seg" else []
+            yield pytest.param(method, task, name, id=f"{method}-{name}")
 
 
 @pytest.mark.parametrize("method, task, preset", list(_all_presets()))
@@ -280,13 +279,14 @@ def test_cocostuff_builds_the_seg_folder(tmp_path, capsys):
                     assert saved.mode == "L" and np.array_equal(np.array(saved), expected), name
                 assert image.is_symlink() and image.resolve() == (tmp_path / "coco" / "images" / split /
                                                                   f"{name}.jpg").resolve()
-    dataset = densesiam.SegFolder(out, "train", 32)  # the layout densesiam.py --task seg reads
+    pairs = common.segmentation_pairs(out, "train", "cocostuff")  # what densesiam.py --task seg reads
+    dataset = common.SegmentationPairs(pairs, 32)
     assert len(dataset) == 2
     image, label = dataset[0]
     assert image.shape == (3, 32, 32) and set(label.unique().tolist()) == {9, 23}
-    cfg = densesiam.SegConfig(data=str(out), workers=0)
-    loader = densesiam.make_seg_loader(cfg, "val", 4, common.Dist(0, 0, 1, torch.device("cpu")), 32,
-                                       shuffle=False, drop_last=False)  # through common.FolderLoader
+    cfg = densesiam.Config(**{**densesiam.SEG, "data": str(out), "workers": 0})
+    dist = common.Dist(0, 0, 1, torch.device("cpu"))
+    _, loader = densesiam.make_seg_loaders(cfg, dist, 2, 32, 32)  # through common.FolderLoader
     images, labels = next(iter(loader))
     assert images.shape == (1, 3, 32, 32) and labels.shape == (1, 32, 32)
     assert set(labels.unique().tolist()) == {4, 23, 24}
