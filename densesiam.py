@@ -1,36 +1,48 @@
-"""DenseSiam: Dense Siamese Network for Dense Unsupervised Learning (Zhang et al., ECCV 2022, arXiv:2203.11075).
+"""DenseSiam: Dense Siamese Network for Dense Unsupervised Learning (Zhang et al., ECCV 2022,
+arXiv:2203.11075).
 
-SimSiam made dense. Two augmented views go through one encoder f (no momentum encoder, no negative pixels). A global
-SimSiam branch matches pooled embeddings; PixSim matches the dense projector/predictor outputs at the SAME points of
-the original image: a K x K grid inside the intersection of the two crops, read out of both views with grid_sample.
-RegionSim turns the dense prediction into soft region masks (softmax over its N channels), pools the encoder features
-inside the intersection with them, and contrasts region n of one view against the N regions of the other view of the
-same image. With a cross-entropy distance and N = number of classes the same network segments images without labels.
+SimSiam made dense. Two augmented views go through one encoder f (no momentum encoder, no negative
+pixels). A global SimSiam branch matches pooled embeddings; PixSim matches the dense
+projector/predictor outputs at the SAME points of the original image: a K x K grid inside the
+intersection of the two crops, read out of both views with grid_sample. RegionSim turns the dense
+prediction into soft region masks (softmax over its N channels), pools the encoder features inside
+the intersection with them, and contrasts region n of one view against the N regions of the other
+view of the same image. With a cross-entropy distance and N = number of classes the same network
+segments images without labels (--task seg, Sec. 4).
 
-    z = g(f(x)), p = h(z)  dense (1x1 convs);  z', p' = grid_sample(z), grid_sample(p) at the K x K points   Sec. 3.2
-    L_dense  = 1/2 D(p1', sg z2') + 1/2 D(p2', sg z1')                                                       Eq. 1
+    z = g(f(x)), p = h(z) dense (1x1 convs); z', p' = grid_sample(z), grid_sample(p)   Sec. 3.2
+    L_dense = 1/2 D(p1', sg z2') + 1/2 D(p2', sg z1')                                  Eq. 1
     D = -cos(p, z) (Eq. 2)   or   D = -softmax(z) . log softmax(p) (Eq. 3, "ce")
-    e1[n] = sum_ij softmax_n(z1')[ij] * grid_sample(f(x1))[ij]                                            Eq. 4
-    u = h'(g'(e)), v = g'(e);  L_region = 1/2 Lc(u1, v2) + 1/2 Lc(u2, v1),  Lc = InfoNCE over regions      Eq. 5, 6
-    pretraining:  L = L_sim + lambda1 L_dense + lambda2 L_region   (lambda1 = 1, lambda2 = 0.1 from 50 %)    Eq. 7
-    seg (--task seg): L = lambda1 L_dense + lambda2 L_region + lambda3 L_seg + lambda4 L_aux                   Eq. 8
-        lambda1 = log N_aux / (log N + log N_aux), lambda4 = log N / (log N + log N_aux), lambda3 = 1
+    e1[n] = sum_ij softmax_n(z1')[ij] * grid_sample(f(x1))[ij]                         Eq. 4
+    u = h'(g'(e)), v = g'(e); L_region = 1/2 Lc(u1, v2) + 1/2 Lc(u2, v1), Lc: InfoNCE  Eq. 5, 6
+    pretraining: L = L_sim + lambda1 L_dense + lambda2 L_region (1; 0.1 from 50 %)      Eq. 7
+    seg: L = lambda1 L_dense + lambda2 L_region + lambda3 L_seg + lambda4 L_aux         Eq. 8
+         lambda1 = log N_aux / (log N + log N_aux), lambda4 = log N / (...), lambda3 = 1
 
-The official code (ZwwWayne/DenseSiam) released only the segmentation mode; the ImageNet pretraining mode here is
-re-implemented from the paper (Sec. 3, 5.1, Table 4). Both live in this file and share the losses.
+The official code (ZwwWayne/DenseSiam) released only the segmentation mode; the ImageNet
+pretraining mode here is re-implemented from the paper (Sec. 3, 5.1, Table 4). Both live in this
+file and share the losses and the train loop; --task seg starts from the values of PRESETS["seg"].
+
+NOTE: the CPU default views are 64 px (paper: 224), which keeps a 2 x 2 res5 map for PixSim, and
+the CPU default base_lr is 0.3 (paper: 0.05): at 0.05 the SimSiam term moved only to -0.10 in 40
+CPU steps (-0.64 at 0.3).
 
 Commands:
-    python densesiam.py                                   # pretraining, built-in data, CPU defaults (80 steps at
-                                                          # 64 px: about the FLOPs of `python byol.py`)
-    torchrun --standalone --nproc_per_node=2 densesiam.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
+    python densesiam.py                                   # pretraining, built-in data, CPU defaults
+                                                          # (80 steps at 64 px: about the FLOPs of
+                                                          # `python byol.py`)
+    torchrun --standalone --nproc_per_node=2 densesiam.py # same run, 2 processes (CPU: gloo,
+                                                          # GPU: nccl)
     torchrun --nproc_per_node=8 densesiam.py --data /path/to/imagenet --preset imagenet
-    python eval_linear.py --ckpt runs/densesiam/last.pt   # kNN + linear probe of the frozen backbone
-    python densesiam.py --task seg                        # unsupervised segmentation, built-in synthetic set
-                                                          # (~1.5 CPU-minutes; mIoU at init vs after training)
-    torchrun --nproc_per_node=4 densesiam.py --task seg --preset cocostuff27 --data /path/to/cocostuff27 \\
-        --init resnet18_imagenet.pth                      # paper setting (supervised ImageNet
-                                                          # weights); without --init it stops,
-                                                          # unless --no-require-init is given
+    python eval_linear.py --ckpt runs/densesiam/last.pt   # kNN + linear probe of the frozen
+                                                          # backbone
+    python densesiam.py --task seg                        # unsupervised segmentation, built-in set
+                                                          # (~1.5 CPU-minutes; mIoU at init vs after
+                                                          # training)
+    torchrun --nproc_per_node=4 densesiam.py --task seg --preset cocostuff27 \\
+        --data /path/to/cocostuff27 --init resnet18_imagenet.pth  # paper setting (supervised
+                                                          # ImageNet weights); without --init it
+                                                          # stops, unless --no-require-init is given
 """
 
 import dataclasses
@@ -61,16 +73,17 @@ class Config:
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
                                      # (seg: "synthetic" or a COCO-Stuff-27 folder, cocostuff.py)
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
-    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it;
+                                     # seg: a quarter)
     image_size: int = 64             # px of each view; paper: 224. NOTE in the docstring
     load_size: int = 0               # px the loader decodes to before cropping; 0 = image_size
                                      # (folders: 256/224 of it; seg: 2 x image_size)
-    eval_size: int = 0               # seg: px val images and labels are scored at; 0 = image_size
+    eval_size: int = 0               # seg: px the val set is scored at; 0 = image_size (paper: 320)
     workers: int = 8                 # DataLoader workers per process (folder data only)
     gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched
                                      # on the GPU
-    num_classes: int = 6             # seg: N, segmentation head channels = classes of the data
-    num_things: int = 3              # seg: classes 0..num_things-1 are things, the rest stuff
+    num_classes: int = 6             # seg: N = head channels = classes of the data; paper: 27
+    num_things: int = 3              # seg: classes 0..num_things-1 are things; COCO-Stuff-27: 12
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper; seg: resnet18)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
@@ -80,7 +93,7 @@ class Config:
     proj_dim: int = 2048             # SimSiam projector width (3 layers); paper: 2048
     pred_hidden: int = 512           # SimSiam predictor bottleneck; paper: 512
     dense_dim: int = 64              # PixSim projector g width and outputs = regions N; paper: 512
-    dense_pred_hidden: int = 64      # PixSim predictor h hidden width; paper: 512
+    dense_pred_hidden: int = 64      # PixSim predictor h width; paper: 512 ("channels ... 512")
     region_dim: int = 64             # RegionSim projector g' / predictor h' width; paper: 512
     grid_size: int = 7               # K: K x K points in the crop intersection; paper: 7 (Table 4a)
     fpn_dim: int = 128               # seg: FPN decoder / head hidden width; released code: 128
@@ -91,8 +104,8 @@ class Config:
     rebalance: bool = True           # seg: weight L_seg by batch class frequency (released code)
     region_weight: float = 0.1       # lambda2 (Eq. 7); paper: 0.1 (Table 4c); 0 = no RegionSim
     region_start: float = 0.5        # fraction of training before RegionSim; paper: 0.5 (Table 4f)
-    region_temperature: float = 0.1  # InfoNCE temperature of RegionSim; released seg code: 0.1
-    crop_scale: tuple = (0.5, 1.0)   # seg: side fraction of the shared square crop; released: same
+    region_temperature: float = 0.1  # RegionSim InfoNCE temperature; released: 0.1 (paper: none)
+    crop_scale: tuple = (0.5, 1.0)   # seg: side fraction of the shared square crop (as released)
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); SimSiam: SyncBN
     # optimisation
     epochs: int = 4                  # paper: 200 on ImageNet (800 on COCO)
@@ -166,6 +179,10 @@ def check_config(cfg, world_size):
     common.check(cfg.region_temperature > 0,
                  f"--region-temperature must be positive, got {cfg.region_temperature}")
     common.check(not cfg.init or Path(cfg.init).is_file(), f"--init {cfg.init}: no such file")
+    common.check(cfg.init or not cfg.require_init,
+                 "--init is required (--require-init, on in --preset cocostuff27): the paper "
+                 "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
+                 "resnet18_imagenet.pth, or --no-require-init to train from random weights")
     if cfg.task == "pretrain":
         common.check(cfg.grid_size >= 1, f"--grid-size must be >= 1, got {cfg.grid_size}")
         return
@@ -178,10 +195,6 @@ def check_config(cfg, world_size):
                  f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     common.check(cfg.image_size % 32 == 0,
                  f"--image-size must be a multiple of 32 (FPN), got {cfg.image_size}")
-    common.check(cfg.init or not cfg.require_init,
-                 "--init is required (--require-init, on in --preset cocostuff27): the paper "
-                 "starts from a supervised ImageNet ResNet-18 (Sec. 5.1); give --init "
-                 "resnet18_imagenet.pth, or --no-require-init to train from random weights")
     common.check(not cfg.show, "--show draws the pretraining views (not with --task seg)")
 
 
@@ -641,7 +654,7 @@ def evaluate_segmentation(model, loader, num_classes, num_things, eval_size, aut
 
 
 def train(cfg, dist):
-    seg = cfg.task == "seg"
+    seg = cfg.task == "seg"  # Sec. 4: the FPN segmenter, its views and loss, an mIoU monitor
     method = "densesiam-seg" if seg else "densesiam"
     torch.manual_seed(cfg.seed)
     out = common.prepare_output_dir(cfg.out) if dist.is_main else None
@@ -653,7 +666,7 @@ def train(cfg, dist):
         eval_size = cfg.eval_size or cfg.image_size
         train_loader, val_loader = make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size)
     else:
-        train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8, on the device
+        train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8, on device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -835,10 +848,10 @@ def show(cfg, dist):
             row[v] = common.draw_points(row[v], points[:, :1], "red", radius=3)  # the first point
     return common.save_picture(
         rows, f"{cfg.out}/show.png",
-        "per image: the crops of view 1 (yellow) and view 2 (cyan) and their intersection (shaded), "
-        f"then each view ('flip' = mirrored) with the {k} x {k} PixSim points of "
-        "intersection_grids (red: the first point, top left of the intersection): the same points "
-        "of the image in both views")
+        "per image: the crops of view 1 (yellow) and view 2 (cyan) and their intersection "
+        f"(shaded), then each view ('flip' = mirrored) with the {k} x {k} PixSim points of "
+        "intersection_grids (red: the first point, top left of the intersection): the same "
+        "points of the image in both views")
 
 
 def main(argv=None):
