@@ -19,7 +19,7 @@ the COCO-Stuff label maps (stuffthingmaps_trainval2017.zip unpacked: LABELS/trai
 single-channel PNGs holding the fine class 0-181 (COCO-Stuff id - 1: 0-90 things, 91-181 stuff)
 and 255 for unlabelled pixels.
 
-Output, the layout of densesiam.SegFolder:
+Output, the layout common.DENSE_LAYOUTS["cocostuff"] that densesiam.py --task seg reads:
     OUT/images/{train,val}/NAME.jpg   symlinks to the COCO images (--copy: copies)
     OUT/labels/{train,val}/NAME.png   27-class label map, 0-26 and 255 = unlabelled (8-bit grey)
 

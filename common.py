@@ -1072,7 +1072,7 @@ class FolderLoader:
 
     decode_on_device=True: workers only read file bytes; JPEGs are decoded in one batched call on the device
     (torchvision.io.decode_jpeg(device='cuda') uses the GPU's decoder) and resized there.
-    Any map-style dataset of (image, label) items works too (e.g. densesiam.SegFolder: no `raw`).
+    Any map-style dataset of (image, label) items works too (e.g. SegmentationPairs: no `raw`).
     """
 
     def __init__(self, dataset, batch_per_rank, rank, world_size, seed, device, workers, shuffle=True, drop_last=True):
@@ -1673,8 +1673,9 @@ def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=N
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Dense labels and mIoU: per-pixel label maps (built-in masks, Pascal VOC, image/mask folders) and
-# confusion-matrix scores, for eval_linear.py --dense (densesiam.py --task seg scores with them too)
+# Dense labels and mIoU: per-pixel label maps (built-in masks and segmentation scenes, Pascal VOC,
+# image/mask folders) and confusion-matrix scores, Hungarian-matched for an unsupervised segmenter:
+# for eval_linear.py --dense and densesiam.py --task seg
 # ---------------------------------------------------------------------------------------------------------------------
 
 IGNORE_LABEL = 255  # no loss or score counts it (VOC's object borders, COCO-Stuff's unlabelled)

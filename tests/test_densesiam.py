@@ -230,7 +230,7 @@ def test_hungarian_fallback_matches_brute_force_and_scipy():
     assert cost[torch.arange(27), fallback].sum().item() == pytest.approx(cost[torch.arange(27), chosen].sum().item())
 
 
-def test_segmentation_scores_perfect_permuted_prediction():
+def test_matched_segmentation_iou_perfect_permuted_prediction():
     torch.manual_seed(0)
     num_classes = 6
     target = torch.randint(0, num_classes, (4, 16, 16))
