@@ -1,42 +1,46 @@
 """BYOL: Bootstrap Your Own Latent (Grill et al., NeurIPS 2020, arXiv:2006.07733).
 
-An online network (backbone f, projector g, predictor q) learns to predict the projection that a slowly moving
-target network (EMA copies f', g' of the backbone and projector) produces for another augmented view of the same
-image. No negatives: the predictor, the stop-gradient and the EMA target keep the representation from collapsing.
+An online network (backbone f, projector g, predictor q) learns to predict the projection that a
+slowly moving target network (EMA copies f', g' of the backbone and projector) produces for another
+augmented view of the same image. No negatives: the predictor, the stop-gradient and the EMA target
+keep the representation from collapsing.
 
     y = f(v), z = g(y), p = q(z)             online, on views v1 and v2
     z' = g'(f'(v))                           target, no gradient
-    loss = l(p1, sg z'2) + l(p2, sg z'1),    l(p, z) = || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)      (range [0, 8])
+    loss = l(p1, sg z'2) + l(p2, sg z'1)     range [0, 8], with
+    l(p, z) = || p/|p| - z/|z| ||^2          = 2 - 2 cos(p, z)
     xi <- tau xi + (1 - tau) theta,          tau(k) = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
 
-NOTE: the CPU default trains the predictor at 10x the lr (--predictor-lr-mult 10; the presets keep the paper's 1x).
-BYOL argues that the predictor should stay near-optimal for the current target. On an earlier draw of the built-in
-data, 120 steps at 1x lowered the kNN accuracy below random init (68.6 -> 61.9 %) and at 10x raised it (68.6 -> 74.4 %).
+NOTE: the CPU default trains the predictor at 10x the lr (--predictor-lr-mult 10; the presets keep
+the paper's 1x). BYOL argues that the predictor should stay near-optimal for the current target. On
+an earlier draw of the built-in data, 120 steps at 1x lowered the kNN accuracy below random init
+(68.6 -> 61.9 %) and at 10x raised it (68.6 -> 74.4 %).
 
-This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.py, lewel.py and mcl.py copy its
-skeleton (config -> model -> loss -> train loop -> main) and differ only where the method differs.
+This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.py, lewel.py and
+mcl.py copy its skeleton (config -> model -> loss -> train loop -> main) and differ only where the
+method differs.
 
 Commands:
     python byol.py                                   # built-in synthetic data, CPU-sized defaults
-    torchrun --standalone --nproc_per_node=2 byol.py # same run, 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --standalone --nproc_per_node=2 byol.py # same run, 2 processes (CPU: gloo, GPU: nccl)
     torchrun --nproc_per_node=8 byol.py --data /path/to/imagenet --preset imagenet
     python eval_linear.py --ckpt runs/byol/last.pt   # kNN + linear probe of the frozen backbone
 """
 
 import dataclasses
-import math
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import common
-from common import InputError, augment, cosine_tau, ema_update, global_pool, lr_at, mlp, print0, regression_loss
+from common import (InputError, augment, cosine_tau, ema_update, global_pool, lr_at, mlp, print0,
+                    regression_loss)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -81,19 +85,24 @@ class Config:
 
 
 PRESETS = {
-    # BYOL paper recipe (Sec. 3.3, Appendix C; deepmind-research byol/configs/byol.py): LARS, 4096 global batch, 10-epoch warmup, cosine.
-    "imagenet": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=300, base_lr=0.3,
-                     weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+    # BYOL paper recipe (Sec. 3.3, Appendix C; deepmind-research byol/configs/byol.py): LARS,
+    # 4096 global batch, 10-epoch warmup, cosine.
+    "imagenet": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224,
+                     batch_size=4096, epochs=300, base_lr=0.3, weight_decay=1e-6,
+                     warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
                      predictor_lr_mult=1.0),
-    "imagenet-100ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=100,
-                           base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
+    "imagenet-100ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224,
+                           batch_size=4096, epochs=100, base_lr=0.45, weight_decay=1e-6,
+                           warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
                            predictor_lr_mult=1.0),
-    "imagenet-1000ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224, batch_size=4096, epochs=1000,
-                            base_lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10,
+    "imagenet-1000ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224,
+                            batch_size=4096, epochs=1000, base_lr=0.2, weight_decay=1.5e-6,
+                            warmup_epochs=10.0, tau_base=0.996, knn_every=10, workers=10,
                             predictor_lr_mult=1.0),
-    # The BYOL baseline of Ladder Siamese Network (arXiv:2211.13844, Sec. 4.1, Tables 1 and 3): LARS,
-    # batch 4096, lr 7.2 (= 0.45 x 4096 / 256), wd 1e-6, cosine, the rest as BYOL; its 100-epoch
-    # row is imagenet-100ep. NOTE: no warmup or tau_base is stated there; BYOL's 10 epochs and 0.99.
+    # The BYOL baseline of Ladder Siamese Network (arXiv:2211.13844, Sec. 4.1, Tables 1 and 3):
+    # LARS, batch 4096, lr 7.2 (= 0.45 x 4096 / 256), wd 1e-6, cosine, the rest as BYOL; its
+    # 100-epoch row is imagenet-100ep. NOTE: no warmup or tau_base is stated there; BYOL's 10 epochs
+    # and 0.99.
     "imagenet-200ep": dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_size=224,
                            batch_size=4096, epochs=200, base_lr=0.45, weight_decay=1e-6,
                            warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
@@ -103,8 +112,9 @@ PRESETS = {
                            warmup_epochs=10.0, tau_base=0.99, knn_every=10, workers=10,
                            predictor_lr_mult=1.0),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
-    "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32, batch_size=512, epochs=200,
-                    base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
+    "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32,
+                    batch_size=512, epochs=200, base_lr=1.0, weight_decay=1e-6,
+                    warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
 }
 
 
@@ -113,12 +123,13 @@ def check_config(cfg, world_size):
     common.check_common_config(cfg, world_size)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class BYOL(nn.Module):
-    """Online network: backbone -> global pool -> projector -> predictor. The target copies backbone + projector."""
+    """Online network: backbone -> global pool -> projector -> predictor. The target copies
+    backbone + projector."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -127,29 +138,32 @@ class BYOL(nn.Module):
         self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
 
     def forward(self, views):
-        """views: list of B x 3 x S x S. Returns one prediction B x proj_dim per view (BN statistics per view)."""
+        """views: list of B x 3 x S x S. Returns one prediction B x proj_dim per view (BN statistics
+        per view)."""
         return [self.predictor(embed(self, view)) for view in views]
 
 
 def embed(net, view):
-    """Projection z = g(f(v)) of a network holding .backbone and .projector (the online model or its target)."""
+    """Projection z = g(f(v)) of a network holding .backbone and .projector (the online model or
+    its target)."""
     return net.projector(global_pool(net.backbone(view)["res5"]))  # B x proj_dim
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loss
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def byol_loss(predictions, targets):
-    """Symmetric BYOL loss: view 1's prediction regresses view 2's target projection and vice versa. Range [0, 8]."""
+    """Symmetric BYOL loss: view 1's prediction regresses view 2's target projection and vice
+    versa. Range [0, 8]."""
     p1, p2 = predictions
     z1, z2 = targets
     return regression_loss(p1, z2) + regression_loss(p2, z1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Train loop
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def train(cfg, dist):
     torch.manual_seed(cfg.seed)
@@ -157,12 +171,13 @@ def train(cfg, dist):
     autocast_dtype, memory_format = common.device_setup(dist, cfg.precision)
     world_batch = cfg.batch_size
     batch_per_rank = world_batch // dist.world_size
-    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8 batches on the device
+    train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8, on the device
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.base_lr * world_batch / 256
-    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0)) for recipe in common.BYOL_VIEWS]
+    recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0))
+               for recipe in common.BYOL_VIEWS]
 
     model = BYOL(cfg).to(dist.device, memory_format=memory_format)
     target = common.make_target({"backbone": model.backbone, "projector": model.projector})
@@ -170,8 +185,9 @@ def train(cfg, dist):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay, {"predictor": cfg.predictor_lr_mult}),
-                            lr=peak_lr)
+    optimizer = common.LARS(
+        common.lars_param_groups(model, cfg.weight_decay, {"predictor": cfg.predictor_lr_mult}),
+        lr=peak_lr)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
@@ -185,21 +201,25 @@ def train(cfg, dist):
         print0(f"resumed from {cfg.out}/last.pt at step {step}")
 
     ddp_model = DistributedDataParallel(model) if dist.world_size > 1 else model
-    online_forward, target_forward = ddp_model, (lambda views: [embed(target, view) for view in views])
+    online_forward = ddp_model
+    target_forward = (lambda views: [embed(target, view) for view in views])
     common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
     if cfg.compile:
-        online_forward, target_forward = torch.compile(online_forward), torch.compile(target_forward)
+        online_forward = torch.compile(online_forward)
+        target_forward = torch.compile(target_forward)
 
-    common.print_run_header("byol", cfg, dist, dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank,
-                                                   steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+    common.print_run_header("byol", cfg, dist, dict(
+        peak_lr=peak_lr, batch_per_rank=batch_per_rank, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps))
     log = common.MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
     stop = common.StopSignal()
 
     def save(epoch, reason):
         if dist.is_main:
             state = dict(method="byol", config=common.config_dict(cfg), step=step, epoch=epoch,
-                         model=model.state_dict(), target=target.state_dict(), optimizer=optimizer.state_dict(),
-                         rng=common.rng_state(), world_size=dist.world_size)
+                         model=model.state_dict(), target=target.state_dict(),
+                         optimizer=optimizer.state_dict(), rng=common.rng_state(),
+                         world_size=dist.world_size)
             common.save_checkpoint(state, out / "last.pt")
             if reason == "keep":
                 common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")
@@ -208,8 +228,8 @@ def train(cfg, dist):
     def knn(epoch):
         if val_loader is None:  # unlabelled --data, no --val-data: off (make_loaders said so)
             return None
-        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size, autocast_dtype,
-                                      memory_format)
+        accuracy = common.knn_monitor(model.backbone, bank_loader, val_loader, cfg.image_size,
+                                      autocast_dtype, memory_format)
         print0(f"epoch {epoch}: kNN top-1 {accuracy:.2f}%")
         log.write(epoch=epoch, step=step, knn_top1=accuracy)
         return accuracy
@@ -221,7 +241,8 @@ def train(cfg, dist):
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        bar = common.progress(common.timed(train_loader, timer), dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = common.progress(common.timed(train_loader, timer), dist.is_main,
+                              desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               initial=step - epoch * steps_per_epoch, total=steps_per_epoch)
         for images, _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -230,8 +251,8 @@ def train(cfg, dist):
                 group["lr"] = lr * group["lr_mult"]
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
-            views = [augment(images, recipe, cfg.image_size, generator)[0].contiguous(memory_format=memory_format)
-                     for recipe in recipes]
+            views = [augment(images, recipe, cfg.image_size, generator)[0]
+                     .contiguous(memory_format=memory_format) for recipe in recipes]
             with torch.autocast(dist.device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 predictions = online_forward(views)
@@ -248,30 +269,35 @@ def train(cfg, dist):
 
             at_epoch_end = step % steps_per_epoch == 0
             stopping = step == cfg.stop_after or (step % cfg.log_every == 0 and stop.agreed())
-            checkpoint_now = stopping or at_epoch_end or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)
+            checkpoint_now = (stopping or at_epoch_end
+                              or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0))
             if step % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
                 values = common.check_finite(step, dict(loss=loss), f"{cfg.out}/last.pt")
                 images_per_s, data_wait = timer.rate()
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
-                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau, images_per_s=images_per_s, data_wait=data_wait)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
+                                img_s=f"{images_per_s:.0f}")
+                log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau,
+                          images_per_s=images_per_s, data_wait=data_wait)
             if checkpoint_now and not at_epoch_end:
                 save(epoch, "step")
             if stopping:
-                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); resume with --resume")
-                stop.exit_if_received()  # after a signal: exit 128 + signal number, checkpoint saved
+                print0(f"stopped at step {step} ({stop.received or 'stop_after'}); "
+                       "resume with --resume")
+                stop.exit_if_received()  # on a signal: exit 128 + signal number, checkpoint saved
                 return dict(model=model, target=target, step=step, knn=None)
         bar.close()
         last_epoch = epoch + 1 == cfg.epochs
         save(epoch + 1, "keep" if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0 else "epoch")
         if last_epoch or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             accuracy = knn(epoch + 1)
-    print0(f"done: {cfg.out}/last.pt" + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
+    print0(f"done: {cfg.out}/last.pt"
+           + (f", final kNN top-1 {accuracy:.2f}%" if accuracy is not None else ""))
     return dict(model=model, target=target, step=step, knn=accuracy)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Show
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def show(cfg, dist):
     """--show: <out>/show.png, the two views of four images as train() makes them at step 0."""
