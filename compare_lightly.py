@@ -1,22 +1,26 @@
-"""Side by side: this repo's BYOL against a peer BYOL built from lightly's modules, same data, same budget.
+"""Side by side: this repo's BYOL against a peer BYOL built from lightly's modules, same data, same
+budget.
 
-Both train a ResNet-18 at 32 px with global batch 128 for the same epochs on the same image folder, and both are
-scored by the same kNN monitor (common.knn_monitor: res5 features, k=200, T=0.1, bank = train/, queries = val/),
-at random init and every --knn-every epochs. One table comes out: mean and spread over the seeds.
+Both train a ResNet-18 at 32 px with global batch 128 for the same epochs on the same image folder,
+and both are scored by the same kNN monitor (common.knn_monitor: res5 features, k=200, T=0.1,
+bank = train/, queries = val/), at random init and every --knn-every epochs. One table comes out:
+mean and spread over the seeds.
 
     ours:  python byol.py --data FOLDER ... (its CPU defaults; extra flags after `--` go to byol.py)
-    peer:  lightly.models.modules.BYOLProjectionHead / BYOLPredictionHead, lightly.loss.NegativeCosineSimilarity,
-           lightly.models.utils.update_momentum, lightly.transforms.BYOLTransform at 32 px (min crop scale 0.25),
-           torchvision resnet18, plain SGD at lr 0.06, target momentum cosine 0.996 -> 1 per epoch; the recipe of
+    peer:  lightly.models.modules.BYOLProjectionHead / BYOLPredictionHead,
+           lightly.loss.NegativeCosineSimilarity, lightly.models.utils.update_momentum,
+           lightly.transforms.BYOLTransform at 32 px (min crop scale 0.25), torchvision resnet18,
+           plain SGD at lr 0.06, target momentum cosine 0.996 -> 1 per epoch; the recipe of
            lightly's own BYOL example (examples/pytorch/byol.py in lightly-ai/lightly).
 
-lightly is a benchmark-only extra: `pip install -r requirements-peer.txt`. Nothing else in the repo imports it.
+lightly is a benchmark-only extra: `pip install -r requirements-peer.txt`. Nothing else in the repo
+imports it.
 
 Commands:
-    python compare_lightly.py --make-digits data/digits     # 1,797 real 8x8 digit scans (scikit-learn), 32-px PNGs
+    python compare_lightly.py --make-digits data/digits   # 1,797 real digit scans (scikit-learn)
     python compare_lightly.py --data data/digits --epochs 30 --knn-every 10 --seeds 0,1,2
     python compare_lightly.py --data synthetic --epochs 6 --knn-every 3 --seeds 0,1,2
-    python compare_lightly.py --data data/digits -- --predictor-lr-mult 1   # ours with a changed flag
+    python compare_lightly.py --data data/digits -- --predictor-lr-mult 1  # ours, a changed flag
 """
 
 import argparse
@@ -35,8 +39,9 @@ import common
 
 
 def make_digits(root, val_count=400, seed=0):
-    """scikit-learn's handwritten digits (1,797 scans, 8x8, 17 grey levels, 10 classes) as an ImageNet-layout
-    folder of 32-px RGB PNGs: val_count images in val/, the rest in train/, split by a seeded permutation."""
+    """scikit-learn's handwritten digits (1,797 scans, 8x8, 17 grey levels, 10 classes) as an
+    ImageNet-layout folder of 32-px RGB PNGs: val_count images in val/, the rest in train/, split by
+    a seeded permutation."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits  # optional: pip install scikit-learn
@@ -48,29 +53,32 @@ def make_digits(root, val_count=400, seed=0):
             folder = Path(root) / split / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
-            Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).convert("RGB").save(folder / f"{i}.png")
+            picture = Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).convert("RGB")
+            picture.save(folder / f"{i}.png")
     print(f"{root}: {len(order) - val_count} train and {val_count} val images, 10 classes")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Ours: byol.py as a user runs it
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def run_ours(data, epochs, knn_every, seed, extra, synthetic_size=2560):
     with tempfile.TemporaryDirectory() as out:
-        byol.main(["--data", data, "--epochs", str(epochs), "--knn-every", str(knn_every), "--seed", str(seed),
-                   "--synthetic-size", str(synthetic_size), "--workers", "0", "--out", out, "--device", "cpu"]
+        byol.main(["--data", data, "--epochs", str(epochs), "--knn-every", str(knn_every),
+                   "--seed", str(seed), "--synthetic-size", str(synthetic_size), "--workers", "0",
+                   "--out", out, "--device", "cpu"]
                   + extra)
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     return {row["epoch"]: row["knn_top1"] for row in rows if "knn_top1" in row}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Peer: lightly's BYOL modules in the loop of lightly's example
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class PeerBackbone(nn.Module):
-    """torchvision resnet18 up to res5, answering like common.ResNetTrunk so common.knn_monitor can score it."""
+    """torchvision resnet18 up to res5, answering like common.ResNetTrunk so common.knn_monitor can
+    score it."""
 
     def __init__(self):
         super().__init__()
@@ -99,30 +107,35 @@ class PeerBYOL(nn.Module):
         return self.prediction_head(self.project(x))
 
 
-def run_peer(data, epochs, knn_every, seed, batch_size=128, lr=0.06, min_scale=0.25, synthetic_size=2560):
+def run_peer(data, epochs, knn_every, seed, batch_size=128, lr=0.06, min_scale=0.25,
+             synthetic_size=2560):
     import copy
 
     import torchvision
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.transforms.byol_transform import (BYOLTransform, BYOLView1Transform,
+                                                   BYOLView2Transform)
     from lightly.utils.scheduler import cosine_schedule
 
     torch.manual_seed(seed)
     dist = common.setup_distributed("cpu")
-    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=32, min_scale=min_scale),
-                              view_2_transform=BYOLView2Transform(input_size=32, min_scale=min_scale))
+    transform = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=32, min_scale=min_scale),
+        view_2_transform=BYOLView2Transform(input_size=32, min_scale=min_scale))
     if data == "synthetic":  # byol.py's training split of the built-in data, as PIL images
         _, images, _ = common.load_dataset("synthetic", 32, "train", synthetic_size)
-        dataset = _TransformedList([torchvision.transforms.functional.to_pil_image(image) for image in images],
-                                   transform)
+        dataset = _TransformedList([torchvision.transforms.functional.to_pil_image(image)
+                                    for image in images], transform)
     else:
         dataset = torchvision.datasets.ImageFolder(f"{data}/train", transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         drop_last=True,
                                          generator=torch.Generator().manual_seed(seed))
     load_size = 32 if data == "synthetic" else 32 * 256 // 224
-    bank, val = (common.make_loader(data, split, 32, 256, dist, seed, 0, shuffle=False, drop_last=False,
-                                    synthetic_size=synthetic_size, load_size=load_size)
+    bank, val = (common.make_loader(data, split, 32, 256, dist, seed, 0, shuffle=False,
+                                    drop_last=False, synthetic_size=synthetic_size,
+                                    load_size=load_size)
                  for split in ("train", "val"))
 
     model = PeerBYOL()
@@ -145,7 +158,8 @@ def run_peer(data, epochs, knn_every, seed, batch_size=128, lr=0.06, min_scale=0
             optimizer.step()
         if (epoch + 1) % knn_every == 0 or epoch + 1 == epochs:
             curve[epoch + 1] = common.knn_monitor(model.backbone, bank, val, 32)
-            print(f"peer seed {seed} epoch {epoch + 1}: kNN top-1 {curve[epoch + 1]:.2f}%", flush=True)
+            print(f"peer seed {seed} epoch {epoch + 1}: kNN top-1 {curve[epoch + 1]:.2f}%",
+                  flush=True)
     return curve
 
 
@@ -160,9 +174,9 @@ class _TransformedList(torch.utils.data.Dataset):
         return self.transform(self.pictures[index]), 0
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Table
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def spread(values):
     mean = statistics.mean(values)
@@ -176,11 +190,14 @@ def table(curves, seconds):
     lines = ["| epoch | " + " | ".join(f"{name} kNN top-1 (%)" for name in curves) + " |",
              "|---:|" + "---:|" * len(curves)]
     for epoch in epochs:
-        cells = [spread([curve[epoch] for curve in runs if epoch in curve]) for runs in curves.values()]
-        lines.append(f"| {epoch}{' (random init)' if epoch == 0 else ''} | " + " | ".join(cells) + " |")
+        cells = [spread([curve[epoch] for curve in runs if epoch in curve])
+                 for runs in curves.values()]
+        lines.append(f"| {epoch}{' (random init)' if epoch == 0 else ''} | "
+                     + " | ".join(cells) + " |")
     gains = [spread([curve[max(curve)] - curve[0] for curve in runs]) for runs in curves.values()]
     lines.append("| gain over init | " + " | ".join(gains) + " |")
-    lines.append("| wall time per run (s) | " + " | ".join(f"{seconds[name]:.0f}" for name in curves) + " |")
+    lines.append("| wall time per run (s) | "
+                 + " | ".join(f"{seconds[name]:.0f}" for name in curves) + " |")
     return "\n".join(lines)
 
 
@@ -190,22 +207,30 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="synthetic", help="image folder with train/ and val/ class folders, "
-                                                            "or 'synthetic' (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs for both (default: %(default)s)")
-    parser.add_argument("--knn-every", type=int, default=10, help="epochs between kNN scores (default: %(default)s)")
+    parser.add_argument("--data", default="synthetic",
+                        help="image folder with train/ and val/ class folders, "
+                             "or 'synthetic' (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="epochs for both (default: %(default)s)")
+    parser.add_argument("--knn-every", type=int, default=10,
+                        help="epochs between kNN scores (default: %(default)s)")
     parser.add_argument("--synthetic-size", type=int, default=2560,
-                        help="training images of the built-in data, both sides (default: %(default)s)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+                        help="training images of the built-in data, both sides "
+                             "(default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--only", choices=("ours", "peer"), help="run one side only")
     parser.add_argument("--report", help="also write the table to this Markdown file")
-    parser.add_argument("--make-digits", metavar="DIR", help="write the digits image folder to DIR and exit")
+    parser.add_argument("--make-digits", metavar="DIR",
+                        help="write the digits image folder to DIR and exit")
     args = parser.parse_args(argv)
     if args.make_digits:
         return make_digits(args.make_digits)
     size = args.synthetic_size
-    runners = {"ours": lambda seed: run_ours(args.data, args.epochs, args.knn_every, seed, extra, size),
-               "peer": lambda seed: run_peer(args.data, args.epochs, args.knn_every, seed, synthetic_size=size)}
+    runners = {"ours": lambda seed: run_ours(args.data, args.epochs, args.knn_every, seed, extra,
+                                             size),
+               "peer": lambda seed: run_peer(args.data, args.epochs, args.knn_every, seed,
+                                             synthetic_size=size)}
     curves, seconds = {}, {}
     for name, runner in runners.items():
         if args.only and name != args.only:
@@ -213,8 +238,9 @@ def main(argv=None):
         start = time.time()
         curves[name] = [runner(int(seed)) for seed in args.seeds.split(",")]
         seconds[name] = (time.time() - start) / len(curves[name])
-    text = (f"`python compare_lightly.py {' '.join(sys.argv[1:] if argv is None else argv)}`: data {args.data}, "
-            f"{args.epochs} epochs, seeds {args.seeds}, torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
+    text = (f"`python compare_lightly.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
+            f"data {args.data}, {args.epochs} epochs, seeds {args.seeds}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
             + table(curves, seconds))
     print(text)
     if args.report:

@@ -1,26 +1,32 @@
-"""Evaluate the frozen backbone of any checkpoint of this repo: weighted kNN and a linear probe, per stage.
+"""Evaluate the frozen backbone of any checkpoint of this repo: weighted kNN and a linear probe, per
+stage.
 
-Works for every method file (byol, ladder_byol, dense_byol, densesiam, lewel, mcl): it reads only the checkpoint
-(the backbone lives under the `backbone.` prefix, the architecture in the saved config), never the method code.
+Works for every method file (byol, ladder_byol, dense_byol, densesiam, lewel, mcl): it reads only
+the checkpoint (the backbone lives under the `backbone.` prefix, the architecture in the saved
+config), never the method code.
 
-    python eval_linear.py --ckpt runs/byol/last.pt                       # kNN + fast linear probe on res5
-    python eval_linear.py --ckpt runs/byol/last.pt --random-init         # same architecture at initialisation
-    python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --stage res2,res3,res4,res5
-                                                                         # Ladder paper Table 7 layout
+    python eval_linear.py --ckpt runs/byol/last.pt        # kNN + fast linear probe on res5
+    python eval_linear.py --ckpt runs/byol/last.pt \
+             --random-init                                # same architecture at initialisation
+    python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt \
+             --stage res2,res3,res4,res5                  # Ladder paper Table 7 layout
     torchrun --nproc_per_node=8 eval_linear.py --ckpt last.pt --data /path/to/imagenet \
-             --protocol byol                                # a paper's protocol (see PROTOCOLS)
-    python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --stage res2,res3,res4,res5 --view-distance
-                                                                         # Ladder paper Fig. 3: two-view distances
+             --protocol byol                              # a paper's protocol (see PROTOCOLS)
+    python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt \
+             --stage res2,res3,res4,res5 --view-distance  # Ladder paper Fig. 3: two-view distances
     python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --random-init --dense \
-             --stage res2,res3,res4,res5,pixels --report results.md     # + dense mIoU, one report
+             --stage res2,res3,res4,res5,pixels \
+             --report results.md                          # + dense mIoU, one report
     python eval_linear.py --ckpt runs/mcl/last.pt --dense --data /path/to/VOCdevkit/VOC2012 \
-             --image-size 224 --stage res2,p2,p3,p4,p5                  # MCL's FPN levels, VOC
-    python eval_linear.py --ckpt runs/byol/last.pt --export resnet.pth   # torchvision ResNet state_dict
-    python eval_linear.py --ckpt runs/mcl/last.pt --export resnet.pth --export-detectron2 mcl_d2.pth --stage ""
-                                                                         # + resnet_fpn_head.pth, detectron2 names
+             --image-size 224 --stage res2,p2,p3,p4,p5    # MCL's FPN levels, VOC
+    python eval_linear.py --ckpt runs/byol/last.pt \
+             --export resnet.pth                          # torchvision ResNet state_dict
+    python eval_linear.py --ckpt runs/mcl/last.pt --export resnet.pth \
+             --export-detectron2 mcl_d2.pth --stage ""    # + resnet_fpn_head.pth, detectron2 names
 
 Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below):
-    kNN      weighted kNN on L2-normalised global-average-pooled features, k=200, T=0.1 (InstDisc rule).
+    kNN      weighted kNN on L2-normalised global-average-pooled features, k=200, T=0.1
+             (InstDisc rule).
     fast     (default) linear classifier on cached features of the centre view (standardised per
              channel, like a BN without affine in front of the classifier): SGD momentum 0.9,
              cosine lr, no weight decay. A quick probe for small data, no paper's protocol.
@@ -46,10 +52,11 @@ Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below
              Data: --data synthetic (make_synthetic's part masks: background, bar, disc), or a
              folder in one of common.DENSE_LAYOUTS (Pascal VOC, <split>/images + <split>/masks,
              cocostuff.py's output).
-    view distance  (--view-distance, instead of kNN and probe) two BYOL views of every val image (seeded: the same
-             views for every checkpoint of the same image size and crop scale), frozen backbone in eval mode; the
-             euclidean distance between the two views' GAP features per stage: raw (as the paper's Fig. 3), between
-             l2-normalised features, and relative to the distance between features of different images.
+    view distance  (--view-distance, instead of kNN and probe) two BYOL views of every val image
+             (seeded: the same views for every checkpoint of the same image size and crop scale),
+             frozen backbone in eval mode; the euclidean distance between the two views' GAP
+             features per stage: raw (as the paper's Fig. 3), between l2-normalised features, and
+             relative to the distance between features of different images.
 """
 
 import copy
@@ -74,10 +81,12 @@ STAGE_NAMES = common.STAGES
 class Config:
     """Evaluate a checkpoint's frozen backbone (kNN + linear probe)."""
     ckpt: tuple = ()                  # one or more checkpoints (comma list); rows of the table
-    stage: tuple = ("res5",)          # stages to probe (comma list of res2,res3,res4,res5); columns of the table
+    stage: tuple = ("res5",)          # stages to probe (comma list of res2,res3,res4,res5);
+                                      # the columns of the table
     data: str = ""                    # "" = the data the checkpoint was trained on
     image_size: int = 0               # 0 = the checkpoint's image size
-    random_init: bool = False         # also evaluate the first checkpoint's architecture at initialisation (first row)
+    random_init: bool = False         # also evaluate the first checkpoint's architecture at
+                                      # initialisation (first row)
     protocol: str = "fast"            # fast | byol | ladder | lewel_b | lewel_m | none (kNN only)
     probe_epochs: int = 0             # 0 = the protocol's epochs
     probe_lr: float = 0.0             # 0 = the protocol's lr (byol: best of its grid, held out)
@@ -87,12 +96,16 @@ class Config:
     knn_t: float = 0.1                # its temperature (InstDisc: 0.1)
     seed: int = 0
     workers: int = 8                  # DataLoader workers per process (folder data only)
-    view_distance: bool = False       # instead of kNN/probe: two-view GAP-feature distances per stage (Ladder Fig. 3)
-    view_crop_min_scale: float = 0.0  # crop scale (lo, 1) of those views; 0 = the checkpoint's crop_min_scale (or 0.08)
-    export: str = ""                  # write the backbone as a torchvision ResNet state_dict to this path; for MCL also
-                                      # its FPN and head to <path stem>_fpn_head<suffix> (see fpn_head_weights)
-    export_all: bool = False          # also export every other module of the online network into the same file
-    export_detectron2: str = ""       # write backbone (+ MCL's FPN, box-head convs) under detectron2 names to this path
+    view_distance: bool = False       # instead of kNN/probe: two-view GAP-feature distances per
+                                      # stage (Ladder Fig. 3)
+    view_crop_min_scale: float = 0.0  # crop scale (lo, 1) of those views; 0 = the checkpoint's
+                                      # crop_min_scale (or 0.08)
+    export: str = ""                  # write the backbone as a torchvision ResNet state_dict to
+                                      # this path; for MCL also its FPN and head to
+                                      # <path stem>_fpn_head<suffix> (see fpn_head_weights)
+    export_all: bool = False          # also export every other online module into the same file
+    export_detectron2: str = ""       # write backbone (+ MCL's FPN, box-head convs) under
+                                      # detectron2 names to this path
     dense: bool = False               # also a per-pixel linear probe (mIoU) on --data's label maps
     dense_epochs: int = 10            # epochs of the dense probe
     dense_lr: float = 0.1             # its peak lr (SGD momentum 0.9, cosine per step, no wd)
@@ -114,35 +127,42 @@ def load_backbone(path, random_init=False):
     backbone = common.ResNetTrunk(saved["arch"], saved["stem"])
     weights = backbone_weights(state["model"])
     if not weights:
-        raise InputError(f"checkpoint {path} holds no backbone weights (no 'backbone.' entries in its model)")
+        raise InputError(f"checkpoint {path} holds no backbone weights "
+                         "(no 'backbone.' entries in its model)")
     if not random_init:
         try:
             backbone.load_state_dict(weights)
         except RuntimeError as error:
-            raise InputError(f"checkpoint {path}: backbone weights do not fit {saved['arch']}/{saved['stem']}: "
+            raise InputError(f"checkpoint {path}: backbone weights do not fit "
+                             f"{saved['arch']}/{saved['stem']}: "
                              f"{str(error).splitlines()[0]}") from None
     return backbone, state
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Export: torchvision backbone, MCL's FPN and head, detectron2 names
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def backbone_weights(model_state):
-    """A checkpoint model's `backbone.` entries without the prefix: torchvision names (conv1, layer1.0.bn2, ...)."""
-    return {key[len("backbone."):]: value for key, value in model_state.items() if key.startswith("backbone.")}
+    """A checkpoint model's `backbone.` entries without the prefix: torchvision names (conv1,
+    layer1.0.bn2, ...)."""
+    return {key[len("backbone."):]: value for key, value in model_state.items()
+            if key.startswith("backbone.")}
 
 
 def fpn_head_weights(model_state):
-    """MCL's FPN and region head under the checkpoint's own names ({} for a checkpoint without them):
+    """MCL's FPN and region head under the checkpoint's own names ({} if it has none):
 
         fpn.lateral.pK.conv.weight, fpn.lateral.pK.norm.*   1x1 lateral conv (no bias) + BN on resK
         fpn.output.pK.conv.weight, fpn.output.pK.norm.*     3x3 output conv (no bias) + BN giving PK
-        head.convs.I.conv.weight, head.convs.I.norm.*       region head conv I = 0..3 (3x3, no bias) + BN (+ ReLU)
-        head.mlp.*                                          region head MLP (pretraining only; no detector counterpart)
+        head.convs.I.conv.weight, head.convs.I.norm.*       region head conv I = 0..3 (3x3, no
+                                                            bias) + BN (+ ReLU)
+        head.mlp.*                                          region head MLP (pretraining only; no
+                                                            detector counterpart)
 
-    `.norm.*` = weight, bias, running_mean, running_var, num_batches_tracked. They load with strict=True into
-    mcl.FPN / mcl.RegionHead after dropping the `fpn.` / `head.` prefix (the paper transfers all three modules).
+    `.norm.*` = weight, bias, running_mean, running_var, num_batches_tracked. They load with
+    strict=True into mcl.FPN / mcl.RegionHead after dropping the `fpn.` / `head.` prefix (the paper
+    transfers all three modules).
     """
     return {key: value for key, value in model_state.items() if key.startswith(("fpn.", "head."))}
 
@@ -154,14 +174,17 @@ def companion_path(path, tag):
 
 
 def detectron2_name(key):
-    """detectron2 name of one torchvision-backbone or MCL fpn./head. key; None for tensors a detector does not take."""
+    """detectron2 name of one torchvision-backbone or MCL fpn./head. key; None for tensors a
+    detector does not take."""
     parts = key.split(".")
     tensor = parts[-1]
-    if tensor == "num_batches_tracked":      # FrozenBN (detectron2's default) has none; SyncBN restarts it at 0 (logged
-        return None                          # as missing; it only matters with momentum=None)
+    if tensor == "num_batches_tracked":      # FrozenBN (detectron2's default) has none; SyncBN
+        return None                          # restarts it at 0 (logged as missing; it only
+                                             # matters with momentum=None)
     if parts[0] in ("conv1", "bn1"):         # conv1.weight, bn1.<tensor>
         return "backbone.bottom_up.stem.conv1." + ("norm." if parts[0] == "bn1" else "") + tensor
-    if parts[0].startswith("layer"):         # layerN.B.convK.weight, layerN.B.bnK.<tensor>, layerN.B.downsample.{0,1}.*
+    if parts[0].startswith("layer"):         # layerN.B.convK.weight, layerN.B.bnK.<tensor>,
+                                             # layerN.B.downsample.{0,1}.*
         stage, block, module = f"res{int(parts[0][len('layer'):]) + 1}", parts[1], parts[2]
         if module == "downsample":
             module = "shortcut" if parts[3] == "0" else "shortcut.norm"
@@ -169,16 +192,19 @@ def detectron2_name(key):
             module = f"conv{module[len('bn'):]}.norm"
         return f"backbone.bottom_up.{stage}.{block}.{module}.{tensor}"
     if parts[0] == "fpn":                    # fpn.{lateral,output}.pK.{conv,norm}.<tensor>
-        return f"backbone.fpn_{parts[1]}{parts[2][1:]}." + ("norm." if parts[3] == "norm" else "") + tensor
+        return (f"backbone.fpn_{parts[1]}{parts[2][1:]}."
+                + ("norm." if parts[3] == "norm" else "") + tensor)
     if parts[:2] == ["head", "convs"]:       # head.convs.I.{conv,norm}.<tensor>
-        return f"roi_heads.box_head.conv{int(parts[2]) + 1}." + ("norm." if parts[3] == "norm" else "") + tensor
-    if parts[:2] == ["head", "mlp"]:         # detectron2's fc1 reads the flattened 7x7 RoI map: another shape
-        return None
+        return (f"roi_heads.box_head.conv{int(parts[2]) + 1}."
+                + ("norm." if parts[3] == "norm" else "") + tensor)
+    if parts[:2] == ["head", "mlp"]:         # detectron2's fc1 reads the flattened 7x7 RoI
+        return None                          # map: another shape
     raise InputError(f"no detectron2 name for checkpoint tensor {key!r}")
 
 
 def detectron2_names(weights):
-    """Rename a torchvision-named ResNet (+ MCL's fpn./head. entries) to a detectron2 R-FPN Mask R-CNN state_dict.
+    """Rename a torchvision-named ResNet (+ MCL's fpn./head. entries) to a detectron2 R-FPN Mask
+    R-CNN state_dict.
 
     Pure dict renaming (same tensors, new keys):
         conv1 / bn1                       -> backbone.bottom_up.stem.conv1 / stem.conv1.norm
@@ -211,20 +237,24 @@ def detectron2_names(weights):
 
 
 def export_weights(state, path, include_all=False):
-    """Save the backbone as a torchvision ResNet state_dict (no fc), and optionally the other online modules.
+    """Save the backbone as a torchvision ResNet state_dict (no fc), and optionally the other online
+    modules.
 
-    The trunk uses torchvision's attribute names, so `torchvision.models.resnet50().load_state_dict(sd, strict=False)`
-    loads it (only fc.* is missing). With include_all, other modules keep their prefix (e.g. `fpn.`, `head.`).
+    The trunk uses torchvision's attribute names, so
+    `torchvision.models.resnet50().load_state_dict(sd, strict=False)` loads it (only fc.* is
+    missing). With include_all, other modules keep their prefix (e.g. `fpn.`, `head.`).
     """
     exported = backbone_weights(state["model"])
     if include_all:
-        exported.update({key: value for key, value in state["model"].items() if not key.startswith("backbone.")})
+        exported.update({key: value for key, value in state["model"].items()
+                         if not key.startswith("backbone.")})
     common.save_checkpoint(exported, path)
     return exported
 
 
 def export_all_formats(cfg, state):
-    """--export (+ MCL's FPN/head file beside it) and --export-detectron2 of one checkpoint. Rank 0 only."""
+    """--export (+ MCL's FPN/head file beside it) and --export-detectron2 of one checkpoint. Rank 0
+    only."""
     model_state = state["model"]
     if cfg.export:
         exported = export_weights(state, cfg.export, cfg.export_all)
@@ -236,17 +266,21 @@ def export_all_formats(cfg, state):
             print0(f"exported {len(fpn_head)} FPN and head tensors to {path}")
     if cfg.export_detectron2:
         stem = state["config"]["stem"]
-        common.check(stem == "imagenet", f"--export-detectron2 needs the imagenet stem (detectron2's 7x7 stem), "
-                                         f"the checkpoint has {stem!r}")
-        renamed = detectron2_names({**backbone_weights(model_state), **fpn_head_weights(model_state)})
-        # detectron2's checkpointer reads a .pth as {"model": state_dict}; exact names, no matching heuristics needed
-        common.save_checkpoint({"model": renamed, "__author__": "eval_linear.py"}, cfg.export_detectron2)
+        common.check(stem == "imagenet",
+                     f"--export-detectron2 needs the imagenet stem (detectron2's 7x7 stem), "
+                     f"the checkpoint has {stem!r}")
+        renamed = detectron2_names({**backbone_weights(model_state),
+                                    **fpn_head_weights(model_state)})
+        # detectron2's checkpointer reads a .pth as {"model": state_dict}; exact names, no matching
+        # heuristics needed
+        common.save_checkpoint({"model": renamed, "__author__": "eval_linear.py"},
+                               cfg.export_detectron2)
         print0(f"exported {len(renamed)} tensors under detectron2 names to {cfg.export_detectron2}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Linear-evaluation protocols, one per paper: frozen backbone, linear classifier on pooled features
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class LinearProtocol:
@@ -551,27 +585,32 @@ def run_protocol(protocol, backbone, stage, train_loader, val_loader, image_size
 
 
 def augment_views(images, recipe, image_size, generator, memory_format):
-    return common.augment(images, recipe, image_size, generator)[0].contiguous(memory_format=memory_format)
+    view = common.augment(images, recipe, image_size, generator)[0]
+    return view.contiguous(memory_format=memory_format)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Two-view distances per stage (Ladder Siamese Network, Sec. 4 "Analyses on intermediate representations", Fig. 3)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Two-view distances per stage (Ladder Siamese Network, Sec. 4 "Analyses on intermediate
+# representations", Fig. 3)
+# --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def two_view_features(backbone, loader, recipes, image_size, stages, seed, rank, autocast_dtype=None,
-                      memory_format=torch.contiguous_format):
-    """GAP features of two augmented views of every image, per stage: {stage: (view1 N x C, view2 N x C)} float32.
+def two_view_features(backbone, loader, recipes, image_size, stages, seed, rank,
+                      autocast_dtype=None, memory_format=torch.contiguous_format):
+    """GAP features of two augmented views of every image, per stage:
+    {stage: (view1 N x C, view2 N x C)} float32.
 
-    Batch b draws both views from common.step_generator(seed, rank, b) (view 1 first). The loader is unshuffled, so
-    every checkpoint evaluated with the same seed, image size and crop scale sees exactly the same views.
+    Batch b draws both views from common.step_generator(seed, rank, b) (view 1 first). The loader
+    is unshuffled, so every checkpoint evaluated with the same seed, image size and crop scale sees
+    exactly the same views.
     """
     backbone.eval()
     last_stage = max(stages, key=STAGE_NAMES.index)
     first, second = {stage: [] for stage in stages}, {stage: [] for stage in stages}
     for batch_index, (images, _) in enumerate(loader):
         generator = common.step_generator(images.device, seed, rank, batch_index)
-        views = torch.cat([augment_views(images, recipe, image_size, generator, memory_format) for recipe in recipes])
+        views = torch.cat([augment_views(images, recipe, image_size, generator, memory_format)
+                           for recipe in recipes])
         with torch.autocast(views.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
             maps = backbone(views, last_stage=last_stage)
@@ -579,14 +618,17 @@ def two_view_features(backbone, loader, recipes, image_size, stages, seed, rank,
             view1, view2 = common.global_pool(maps[stage]).float().chunk(2)   # B x C each
             first[stage].append(view1)
             second[stage].append(view2)
-    return {stage: (common.gather_ragged(torch.cat(first[stage])), common.gather_ragged(torch.cat(second[stage])))
+    return {stage: (common.gather_ragged(torch.cat(first[stage])),
+                    common.gather_ragged(torch.cat(second[stage])))
             for stage in stages}
 
 
 def distance_summary(distances):
     """Mean and quartiles of a 1-D tensor of distances."""
-    quartiles = torch.quantile(distances, torch.tensor([0.25, 0.5, 0.75], device=distances.device)).tolist()
-    return dict(mean=distances.mean().item(), p25=quartiles[0], median=quartiles[1], p75=quartiles[2])
+    probabilities = torch.tensor([0.25, 0.5, 0.75], device=distances.device)
+    quartiles = torch.quantile(distances, probabilities).tolist()
+    return dict(mean=distances.mean().item(), p25=quartiles[0], median=quartiles[1],
+                p75=quartiles[2])
 
 
 def view_distance_stats(view1, view2):
@@ -594,12 +636,14 @@ def view_distance_stats(view1, view2):
 
     view_raw         ||f(v1) - f(v2)||, the paper's Fig. 3 quantity (raw pooled features)
     view_normalised  the same between l2-normalised features: sqrt(2 - 2 cos), in [0, 2]
-    view_ratio       mean raw two-view distance / mean raw distance between different images (view 1 of image i
-                     against view 2 of image i-1): below 1 = views closer together than unrelated images
-    NOTE: the raw distance is not comparable across stages or checkpoints: it scales with the feature norm, which
-    differs between stages (width, depth) and between checkpoints (learned BN scales, more or less sparse ReLU
-    outputs), so a smaller raw distance can mean smaller features, not more invariant ones. view_normalised and
-    view_ratio are invariant to a rescaling of the features; compare checkpoints (Ladder vs BYOL) on those.
+    view_ratio       mean raw two-view distance / mean raw distance between different images (view 1
+                     of image i against view 2 of image i-1): below 1 = views closer together than
+                     unrelated images
+    NOTE: the raw distance is not comparable across stages or checkpoints: it scales with the
+    feature norm, which differs between stages (width, depth) and between checkpoints (learned BN
+    scales, more or less sparse ReLU outputs), so a smaller raw distance can mean smaller features,
+    not more invariant ones. view_normalised and view_ratio are invariant to a rescaling of the
+    features; compare checkpoints (Ladder vs BYOL) on those.
     """
     raw = (view1 - view2).norm(dim=1)
     normalised = (F.normalize(view1, dim=1) - F.normalize(view2, dim=1)).norm(dim=1)
@@ -608,9 +652,9 @@ def view_distance_stats(view1, view2):
                 view_ratio=raw.mean().item() / max(different.mean().item(), 1e-12))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Dense linear probe (--dense): a per-pixel linear classifier on each frozen feature map, mIoU
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 DENSE_ONLY_STAGES = ("pixels", *FPN_LEVELS)  # probed by --dense only: the input, MCL's FPN levels
@@ -851,12 +895,15 @@ def evaluate(cfg, dist):
             print0(f"linear probe: {describe_protocol(cfg.protocol, protocol)}")
     common.check(len(cfg.ckpt) > 0, "--ckpt is required (one checkpoint or a comma list)")
     common.check(cfg.batch_size > 0 and cfg.batch_size % dist.world_size == 0,
-                 f"--batch-size {cfg.batch_size} must be positive and divisible by the world size {dist.world_size}")
+                 f"--batch-size {cfg.batch_size} must be positive and divisible by the world size "
+                 f"{dist.world_size}")
     common.check(0 <= cfg.view_crop_min_scale <= 1,
                  f"--view-crop-min-scale must be in [0, 1], got {cfg.view_crop_min_scale}")
     rows, dense_sets = {}, {}
-    # --random-init adds a baseline row: the first checkpoint's architecture and data, seeded initial weights.
-    entries = ([(cfg.ckpt[0], True)] if cfg.random_init else []) + [(path, False) for path in cfg.ckpt]
+    # --random-init adds a baseline row: the first checkpoint's architecture and data, seeded
+    # initial weights.
+    entries = (([(cfg.ckpt[0], True)] if cfg.random_init else [])
+               + [(path, False) for path in cfg.ckpt])
     for path, random_init in entries:
         torch.manual_seed(cfg.seed)
         backbone, state = load_backbone(path, random_init)
@@ -875,8 +922,8 @@ def evaluate(cfg, dist):
         label = f"{path}{' (random init)' if random_init else ''}"
         rows[label] = {}
         common.check(not cfg.dense or common.dense_layout(data) is not None,
-                     f"--dense: --data {data} has no per-pixel labels; give 'synthetic' or a folder "
-                     f"laid out as " + "; or ".join(common.DENSE_LAYOUTS.values()))
+                     f"--dense: --data {data} has no per-pixel labels; give 'synthetic' or a "
+                     f"folder laid out as " + "; or ".join(common.DENSE_LAYOUTS.values()))
         image_stages = [stage for stage in cfg.stage if stage in STAGE_NAMES]
         # kNN and the linear probe: on res2..res5, when the data has image labels
         image_level = bool(image_stages) and (not cfg.dense or image_labelled(data))
@@ -888,28 +935,32 @@ def evaluate(cfg, dist):
                                      shuffle=False, drop_last=False, synthetic_size=synthetic_size,
                                      load_size=load_size)
         if cfg.view_distance:
-            # NOTE: the pretraining's BYOL view pair and crop scale (the paper: "two random data-augmented views");
-            # a checkpoint without crop_min_scale (densesiam: SimSiam crops 0.2-1) gets BYOL's 0.08.
+            # NOTE: the pretraining's BYOL view pair and crop scale (the paper: "two random
+            # data-augmented views"); a checkpoint without crop_min_scale (densesiam: SimSiam crops
+            # 0.2-1) gets BYOL's 0.08.
             min_scale = cfg.view_crop_min_scale or saved.get("crop_min_scale", 0.08)
-            recipes = [dataclasses.replace(recipe, crop_scale=(min_scale, 1.0)) for recipe in common.BYOL_VIEWS]
-            features = two_view_features(backbone, val, recipes, image_size, cfg.stage, cfg.seed, dist.rank,
-                                         autocast_dtype, memory_format)
-            print0(f"{label}: two BYOL views of {len(features[cfg.stage[0]][0])} val images, {image_size} px, "
-                   f"crop scale ({min_scale}, 1)")
+            recipes = [dataclasses.replace(recipe, crop_scale=(min_scale, 1.0))
+                       for recipe in common.BYOL_VIEWS]
+            features = two_view_features(backbone, val, recipes, image_size, cfg.stage, cfg.seed,
+                                         dist.rank, autocast_dtype, memory_format)
+            print0(f"{label}: two BYOL views of {len(features[cfg.stage[0]][0])} val images, "
+                   f"{image_size} px, crop scale ({min_scale}, 1)")
             for stage in cfg.stage:
                 result = rows[label][stage] = view_distance_stats(*features[stage])
-                print0(f"{label} {stage}: two-view distance raw {format_cell(result['view_raw'])}, l2-normalised "
-                       f"{format_cell(result['view_normalised'])}, ratio to different images "
-                       f"{format_cell(result['view_ratio'])}")
+                print0(f"{label} {stage}: two-view distance raw {format_cell(result['view_raw'])}, "
+                       f"l2-normalised {format_cell(result['view_normalised'])}, "
+                       f"ratio to different images {format_cell(result['view_ratio'])}")
             continue
         if image_level:
             bank = common.make_loader(data, "train", image_size, per_rank, dist, cfg.seed,
                                       cfg.workers, shuffle=False, drop_last=False,
                                       synthetic_size=synthetic_size, load_size=load_size)
         for stage in image_stages if image_level else ():
-            train_x, train_y = common.extract_features(backbone, bank, image_size, stage, autocast_dtype, memory_format,
+            train_x, train_y = common.extract_features(backbone, bank, image_size, stage,
+                                                       autocast_dtype, memory_format,
                                                        show_progress=True)
-            val_x, val_y = common.extract_features(backbone, val, image_size, stage, autocast_dtype, memory_format,
+            val_x, val_y = common.extract_features(backbone, val, image_size, stage,
+                                                   autocast_dtype, memory_format,
                                                    show_progress=True)
             knn = common.knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_t)
             result = dict(knn=knn)
@@ -973,12 +1024,15 @@ METRICS = (("knn", "knn top-1 (%)"),
            ("dense_miou", "dense mIoU (%), per-pixel linear probe"),
            ("dense_pixel_acc", "dense pixel accuracy (%), per-pixel linear probe"),
            ("view_raw", "two-view distance, raw GAP features (mean / p25-p75)"),
-           ("view_normalised", "two-view distance, l2-normalised GAP features, range 0-2 (mean / p25-p75)"),
-           ("view_ratio", "two-view distance / distance between different images (raw GAP features)"))
+           ("view_normalised",
+            "two-view distance, l2-normalised GAP features, range 0-2 (mean / p25-p75)"),
+           ("view_ratio",
+            "two-view distance / distance between different images (raw GAP features)"))
 
 
 def format_cell(value):
-    """A distance summary as "mean / p25-p75" (two significant decimals at least), any other number as %.2f."""
+    """A distance summary as "mean / p25-p75" (two significant decimals at least), any other
+    number as %.2f."""
     if isinstance(value, dict):
         mean = value["mean"]
         decimals = max(2, 1 - math.floor(math.log10(mean))) if mean > 0 else 2
@@ -998,7 +1052,8 @@ def table_cells(rows, stages, metric):
 
 
 def print_table(rows, stages):
-    """Rows = checkpoints, columns = stages (the Ladder paper's Table 7 layout), one block per metric."""
+    """Rows = checkpoints, columns = stages (the Ladder paper's Table 7 layout), one block per
+    metric."""
     if not rows:
         return
     width = max(len(label) for label in list(rows) + ["checkpoint"]) + 2
@@ -1014,9 +1069,9 @@ def print_table(rows, stages):
             print0(label.ljust(width) + "".join(text.rjust(column) for text in line))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --report: every metric as Markdown tables, bar charts when matplotlib is installed
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def describe_dense(cfg):
     """One line: the dense probe's classifier and optimisation."""

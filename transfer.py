@@ -157,7 +157,8 @@ def semi_optimizer(model, backbone_lr, classifier_lr, weight_decay):
 
 
 def set_semi_lrs(optimizer, epoch, epochs=SEMI_EPOCHS):
-    """Set each group's lr for 0-based `epoch` from its base_lr; returns them (backbone, classifier)."""
+    """Set each group's lr for 0-based `epoch` from its base_lr; returns them
+    (backbone, classifier)."""
     for group in optimizer.param_groups:
         group["lr"] = semi_lr(group["base_lr"], epoch, epochs)
     return tuple(group["lr"] for group in optimizer.param_groups)
