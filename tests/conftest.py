@@ -1,8 +1,9 @@
 """Put the repo root on sys.path so tests import the method files (`import byol`) and `common`.
 
-Tests run their tiny models on one intra-op thread: at these sizes a second thread mostly spin-waits (oneDNN), and
-on the 2-core CI machine the launched torchrun workers need the other core. A test that trains at full size (the
-README's default run) is marked `all_threads` and keeps torch's default thread count.
+Tests run their tiny models on one intra-op thread: at these sizes a second thread mostly spin-waits
+(oneDNN), and on the 2-core CI machine the launched torchrun workers need the other core. A test
+that trains at full size (the README's default run) is marked `all_threads` and keeps torch's
+default thread count.
 
 Tests run as on a CPU without native bf16, so --precision auto is fp32 on every test machine and the
 numbers recomputed by hand stay float32; a test of the detection sets the two probes itself.
@@ -21,7 +22,8 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "all_threads: run with torch's default intra-op thread count")
+    config.addinivalue_line("markers",
+                            "all_threads: run with torch's default intra-op thread count")
 
 
 @pytest.fixture(autouse=True)

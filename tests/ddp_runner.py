@@ -1,5 +1,5 @@
-"""Run a method file's train() under `torchrun --standalone --nproc_per_node=2` on CPU (gloo) and return each
-rank's final online and target state dicts. Used by every method's DDP test."""
+"""Run a method file's train() under `torchrun --standalone --nproc_per_node=2` on CPU (gloo) and
+return each rank's final online and target state dicts. Used by every method's DDP test."""
 
 import os
 import subprocess
@@ -32,17 +32,22 @@ def run_two_processes(module, args, out_dir, timeout=240):
     with open(script, "w") as handle:
         handle.write(SCRIPT.format(root=ROOT, module=module))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-               "--out", str(out_dir), "--device", "cpu", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               script, "--out", str(out_dir), "--device", "cpu", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(2)]
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True)
+            for rank in range(2)]
 
 
 def assert_same_parameters(states):
-    """Both ranks hold identical weights, online and target (BN running statistics are rank-local: skipped)."""
+    """Both ranks hold identical weights, online and target (BN running statistics are rank-local:
+    skipped)."""
     for key in ("model", "target"):
-        names = [name for name, value in states[0][key].items() if value.is_floating_point() and "running" not in name]
+        names = [name for name, value in states[0][key].items()
+                 if value.is_floating_point() and "running" not in name]
         assert names, key
         for name in names:
-            assert torch.equal(states[0][key][name], states[1][key][name]), f"{key}.{name} differs across ranks"
+            assert torch.equal(states[0][key][name], states[1][key][name]), \
+                f"{key}.{name} differs across ranks"

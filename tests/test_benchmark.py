@@ -43,7 +43,8 @@ def test_benchmark_names_the_method_files(capsys):
     assert "BatchNorm needs at least 2" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast + torch.compile)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (bf16 autocast + torch.compile)")
 def test_compiled_and_eager_losses_match():
     cfg = byol.Config(hidden_dim=256, proj_dim=64)
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
-"""compare_lightly.py: the side-by-side table (by hand), our side of the comparison on tiny settings, and the
-peer side when lightly is installed (it is an optional extra: requirements-peer.txt)."""
+"""compare_lightly.py: the side-by-side table (by hand), our side of the comparison on tiny
+settings, and the peer side when lightly is installed (it is an optional extra:
+requirements-peer.txt)."""
 
 import importlib.util
 
@@ -15,7 +16,8 @@ def test_table_reports_mean_and_spread_per_epoch_and_the_gain():
     curves = {"ours": [{0: 80.0, 5: 84.0}, {0: 82.0, 5: 88.0}],
               "peer": [{0: 80.0, 5: 83.0}, {0: 82.0, 5: 83.0}]}
     lines = compare_lightly.table(curves, {"ours": 10.0, "peer": 20.0}).splitlines()
-    assert lines[2] == "| 0 (random init) | 81.0 +- 1.4 | 81.0 +- 1.4 |"  # stdev of (80, 82) = sqrt(2)
+    # stdev of (80, 82) = sqrt(2)
+    assert lines[2] == "| 0 (random init) | 81.0 +- 1.4 | 81.0 +- 1.4 |"
     assert lines[3] == "| 5 | 86.0 +- 2.8 | 83.0 +- 0.0 |"
     assert lines[4] == "| gain over init | 5.0 +- 1.4 | 2.0 +- 1.4 |"  # gains (4, 6) and (3, 1)
     assert lines[5] == "| wall time per run (s) | 10 | 20 |"
@@ -26,7 +28,8 @@ def test_our_side_runs_byol_with_the_passed_flags_and_reads_its_knn_curve():
     assert sorted(curve) == [0, 1, 2] and all(0 <= value <= 100 for value in curve.values())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lightly") is None, reason="lightly not installed (optional extra)")
+@pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
+                    reason="lightly not installed (optional extra)")
 def test_peer_side_trains_and_scores_with_the_same_monitor():
     curve = compare_lightly.run_peer("synthetic", 1, 1, 0, batch_size=64, synthetic_size=128)
     assert sorted(curve) == [0, 1] and all(0 <= value <= 100 for value in curve.values())

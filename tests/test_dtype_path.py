@@ -63,7 +63,8 @@ CASES = {
                                dense_dim=8, dense_pred_hidden=8, region_dim=16, region_start=0.0)),
     "densesiam-seg": (densesiam, "train", "seg_loss",  # evaluates under autocast at step 0
                       lambda: tiny(densesiam.Config, **{**densesiam.SEG, **RUN, "fpn_dim": 16,
-                                                        "num_aux_classes": 8, "region_start": 0.0})),
+                                                        "num_aux_classes": 8,
+                                                        "region_start": 0.0})),
     "lewel_b": (lewel, "train", "lewel_b_loss",
                 lambda: tiny(lewel.Config, image_size=16, **HEADS)),
     "lewel_m": (lewel, "train", "lewel_m_loss",
