@@ -1,7 +1,6 @@
 """byol.py: DDP on CPU, exact resume, a short run that learns, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,8 +12,8 @@ import common
 import eval_linear
 from ddp_runner import ROOT, assert_same_parameters, run_two_processes
 
-TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16", "--hidden-dim", "64", "--proj-dim", "32",
-        "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16", "--hidden-dim", "64",
+        "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
 
 
 def test_loss_is_zero_when_prediction_equals_target():
@@ -41,7 +40,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 
 def _weights(path):
     state = torch.load(path, weights_only=True)
-    return {**{"model." + k: v for k, v in state["model"].items()}, **{"target." + k: v for k, v in state["target"].items()}}
+    return {**{"model." + k: v for k, v in state["model"].items()},
+            **{"target." + k: v for k, v in state["target"].items()}}
 
 
 def test_resume_reaches_the_same_weights_bitwise(tmp_path):
@@ -58,31 +58,37 @@ def test_resume_reaches_the_same_weights_bitwise(tmp_path):
     backbone, _ = eval_linear.load_backbone(tmp_path / "resumed" / "last.pt")
     assert torch.equal(backbone.conv1.weight, state["model"]["backbone.conv1.weight"])
     byol.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
-    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "resumed" / "last.pt")
+    straight = _weights(tmp_path / "straight" / "last.pt")
+    resumed = _weights(tmp_path / "resumed" / "last.pt")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 
 
 def view_alignment_gap(backbone, images, seed=0):
-    """mean cos(two views of the same image) - mean cos(views of different images), on pooled res5 features."""
+    """mean cos(two views of the same image) - mean cos(views of different images), on pooled res5
+    features."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         backbone.eval()
         features = [torch.nn.functional.normalize(common.global_pool(backbone(
-            common.augment(images, recipe, 32, generator)[0])["res5"]), dim=1) for recipe in common.BYOL_VIEWS]
+            common.augment(images, recipe, 32, generator)[0])["res5"]), dim=1)
+            for recipe in common.BYOL_VIEWS]
     similarity = features[0] @ features[1].T
-    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (len(images) ** 2 - len(images))
+    off_diagonal = ((similarity.sum() - similarity.diagonal().sum())
+                    / (len(images) ** 2 - len(images)))
     return (similarity.diagonal().mean() - off_diagonal).item()
 
 
 def test_short_training_learns_view_invariance(tmp_path):
-    """A real run on the built-in data: after training, two views of one image are closer (relative to views of
-    different images) than they are under the random-init backbone, and the loss went down."""
-    args = ["--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "512", "--epochs", "2", "--batch-size", "64",
-            "--knn-every", "0", "--log-every", "4", "--hidden-dim", "512"]
+    """A real run on the built-in data: after training, two views of one image are closer (relative
+    to views of different images) than they are under the random-init backbone, and the loss went
+    down."""
+    args = ["--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "512", "--epochs", "2",
+            "--batch-size", "64", "--knn-every", "0", "--log-every", "4", "--hidden-dim", "512"]
     result = byol.main(args)
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")
+              if '"loss"' in line]
     assert losses[-1] < losses[0]
     torch.manual_seed(0)
     random_init = byol.BYOL(byol.Config(hidden_dim=512)).backbone
@@ -94,15 +100,18 @@ def test_short_training_learns_view_invariance(tmp_path):
 
 @pytest.mark.all_threads
 def test_default_run_beats_random_init_on_knn(tmp_path):
-    """The README's quick start, as is (about 4 minutes on 2 cores): `python byol.py` on the built-in data lifts the
-    kNN top-1 of the frozen backbone clearly above its random-init value (measured: 66.4 -> 73.8 %)."""
+    """The README's quick start, as is (about 4 minutes on 2 cores): `python byol.py` on the
+    built-in data lifts the kNN top-1 of the frozen backbone clearly above its random-init value
+    (measured: 66.4 -> 73.8 %)."""
     byol.main(["--out", str(tmp_path), "--device", "cpu", "--knn-every", "6"])
-    knn = [json.loads(line)["knn_top1"] for line in open(tmp_path / "metrics.jsonl") if "knn_top1" in line]
+    knn = [json.loads(line)["knn_top1"] for line in open(tmp_path / "metrics.jsonl")
+           if "knn_top1" in line]
     assert len(knn) == 2 and knn[1] > knn[0] + 3.0, knn
 
 
 def run_cli(*args, cwd=ROOT):
-    result = subprocess.run([sys.executable, "byol.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "byol.py", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=120)
     return result.returncode, result.stderr.strip().splitlines()
 
 
@@ -138,9 +147,11 @@ def test_empty_and_corrupt_image_folders(tmp_path, capsys):
         for cls in ("a", "b"):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(8):
-                Image.new("RGB", (40 + i, 30), (i * 30, 100, 200 - i * 20)).save(root / split / cls / f"{i}.png")
+                picture = Image.new("RGB", (40 + i, 30), (i * 30, 100, 200 - i * 20))
+                picture.save(root / split / cls / f"{i}.png")
     folder_args = ["--data", str(root), "--workers", "0", "--batch-size", "8"]
-    result = byol.main(TINY + folder_args + ["--out", str(tmp_path / "ok")])  # a real ImageFolder works
+    # a real ImageFolder works
+    result = byol.main(TINY + folder_args + ["--out", str(tmp_path / "ok")])
     assert result["step"] == 2
     (root / "train" / "a" / "0.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit):
@@ -161,7 +172,8 @@ def test_predictor_learning_rate_factor(tmp_path):
     """The CPU default trains the predictor at 10x the lr; the paper presets keep 1x."""
     assert byol.Config().predictor_lr_mult == 10.0
     for name in byol.PRESETS:
-        assert common.parse_config(byol.Config, byol.PRESETS, ["--preset", name]).predictor_lr_mult == 1.0
+        cfg = common.parse_config(byol.Config, byol.PRESETS, ["--preset", name])
+        assert cfg.predictor_lr_mult == 1.0
     byol.main(["--out", str(tmp_path)] + TINY)
     groups = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     base = [g["lr"] for g in groups if g["lr_mult"] == 1.0]

@@ -17,8 +17,9 @@ import dense_byol
 import ladder_byol
 from ddp_runner import assert_same_parameters, run_two_processes
 
-TINY = ["--synthetic-size", "32", "--image-size", "64", "--batch-size", "8", "--hidden-dim", "32", "--proj-dim", "16",
-        "--dense-hidden-dim", "16", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+TINY = ["--synthetic-size", "32", "--image-size", "64", "--batch-size", "8", "--hidden-dim", "32",
+        "--proj-dim", "16", "--dense-hidden-dim", "16", "--epochs", "1", "--knn-every", "0",
+        "--log-every", "1"]
 
 
 def config(*args):
@@ -33,7 +34,7 @@ def build(cfg, seed=0):
     return model, target
 
 
-# --- dense matching (common.py) ------------------------------------------------------------------------------------
+# --- dense matching (common.py) -------------------------------------------------------------------
 
 def test_M1_matches_the_densecl_rule():
     torch.manual_seed(0)
@@ -42,12 +43,14 @@ def test_M1_matches_the_densecl_rule():
     expected = [[2, 3, 1, 6, 5, 7, 6, 5, 0], [6, 8, 6, 2, 5, 8, 0, 3, 6]]
     assert common.dense_match(query.view(2, 32, 3, 3), key.view(2, 32, 3, 3)).tolist() == expected
     # the similarity is built a few images at a time; one image per chunk gives the same answer
-    assert common.dense_match(query.view(2, 32, 3, 3), key.view(2, 32, 3, 3), max_elements=81).tolist() == expected
+    chunked = common.dense_match(query.view(2, 32, 3, 3), key.view(2, 32, 3, 3), max_elements=81)
+    assert chunked.tolist() == expected
 
 
 def test_match_is_scale_invariant_and_gather_picks_the_matched_vectors():
     generator = torch.Generator().manual_seed(3)
-    query, key = torch.randn(2, 8, 3, 4, generator=generator), torch.randn(2, 8, 5, 2, generator=generator)
+    query = torch.randn(2, 8, 3, 4, generator=generator)
+    key = torch.randn(2, 8, 5, 2, generator=generator)
     idx = common.dense_match(query, key)
     assert idx.shape == (2, 12) and int(idx.max()) < 10
     assert torch.equal(common.dense_match(3 * query, 0.5 * key), idx)
@@ -62,11 +65,13 @@ def test_M2_identical_views_match_the_identity_and_give_zero_loss():
     features = torch.randn(3, 16, 7, 7)
     idx = common.dense_match(features, features)
     assert torch.equal(idx, torch.arange(49).expand(3, -1))
-    assert common.dense_regression_loss(features, features, features, features).item() == pytest.approx(0, abs=1e-6)
+    loss = common.dense_regression_loss(features, features, features, features)
+    assert loss.item() == pytest.approx(0, abs=1e-6)
 
 
 def test_M3_flipped_view_matches_mirrored_columns():
-    """A per-position head (1x1 convs) commutes with the flip, so position (r, c) must match (r, 6 - c)."""
+    """A per-position head (1x1 convs) commutes with the flip, so position (r, c) must match
+    (r, 6 - c)."""
     torch.manual_seed(0)
     head = common.conv_mlp(32, 64, 16).eval()
     feature_map = torch.randn(2, 32, 7, 7)
@@ -79,7 +84,7 @@ def test_M3_flipped_view_matches_mirrored_columns():
     assert common.dense_regression_loss(y_a, y_b, y_a, y_b).item() == pytest.approx(0, abs=1e-6)
 
 
-# --- the model -----------------------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 
 def test_M2_identical_views_through_the_model_give_identity_matches_and_zero_dense_loss():
     cfg = config("--image-size", "96")  # res5 is 3 x 3
@@ -90,7 +95,8 @@ def test_M2_identical_views_through_the_model_give_identity_matches_and_zero_den
     with torch.no_grad():
         targets = [dense_byol.embed(target, v, cfg.match_on) for v in (view, view)]
     assert predictions[0]["dense"].shape == (4, 16, 3, 3)
-    assert torch.equal(common.dense_match(predictions[0]["match"], targets[1]["match"]), torch.arange(9).expand(4, -1))
+    assert torch.equal(common.dense_match(predictions[0]["match"], targets[1]["match"]),
+                       torch.arange(9).expand(4, -1))
     _, _, dense_loss = dense_byol.dense_byol_loss(predictions, targets, 0.5)
     assert dense_loss.item() == pytest.approx(0, abs=1e-5)
 
@@ -135,10 +141,12 @@ def test_loss_is_the_average_of_global_and_dense_and_gradients_reach_both_heads(
     with torch.no_grad():
         targets = [dense_byol.embed(target, view, cfg.match_on) for view in pair]
     loss, global_loss, dense_loss = dense_byol.dense_byol_loss(predictions, targets, 0.5)
-    assert loss.item() == pytest.approx(0.5 * global_loss.item() + 0.5 * dense_loss.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * global_loss.item() + 0.5 * dense_loss.item(),
+                                        rel=1e-6)
     assert 0 < dense_loss.item() < 8
     loss.backward()
-    for module in (model.backbone, model.projector, model.predictor, model.dense_projector, model.dense_predictor):
+    for module in (model.backbone, model.projector, model.predictor, model.dense_projector,
+                   model.dense_predictor):
         assert all(p.grad is not None for p in module.parameters())
     assert all(p.grad is None for p in target.parameters())
     assert set(dict(target.named_children())) == {"backbone", "projector", "dense_projector"}
@@ -180,7 +188,7 @@ def test_same_model_as_ladder_byol_dense_res5_at_default_widths(match_on):
     assert loss.item() == pytest.approx(ladder_loss.item(), abs=1e-6)
 
 
-# --- training runs -----------------------------------------------------------------------------------------------
+# --- training runs --------------------------------------------------------------------------------
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     states = run_two_processes("dense_byol", TINY + ["--stop-after", "2"], str(tmp_path))
@@ -201,7 +209,9 @@ def test_bad_flags(tmp_path, capsys, args, message):
 
 
 def test_predictor_learning_rate_factor_defaults():
-    """10x on the CPU default (as byol.py), 1x in every paper preset; the predictors are the modules it applies to."""
+    """10x on the CPU default (as byol.py), 1x in every paper preset; the predictors are the modules
+    it applies to."""
     assert dense_byol.Config().predictor_lr_mult == 10.0
     for name in dense_byol.PRESETS:
-        assert common.parse_config(dense_byol.Config, dense_byol.PRESETS, ["--preset", name]).predictor_lr_mult == 1.0
+        cfg = common.parse_config(dense_byol.Config, dense_byol.PRESETS, ["--preset", name])
+        assert cfg.predictor_lr_mult == 1.0

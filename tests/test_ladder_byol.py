@@ -15,8 +15,9 @@ import common
 import ladder_byol
 from ddp_runner import assert_same_parameters, run_two_processes
 
-TINY = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "32", "--proj-dim", "16",
-        "--dense-hidden-dim", "16", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+TINY = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "32",
+        "--proj-dim", "16", "--dense-hidden-dim", "16", "--epochs", "1", "--knn-every", "0",
+        "--log-every", "1"]
 
 
 def config(*args):
@@ -26,8 +27,8 @@ def config(*args):
 def build(cfg, seed=0):
     torch.manual_seed(seed)
     model = ladder_byol.LadderBYOL(cfg)
-    target = common.make_target({"backbone": model.backbone,
-                                 "heads": torch.nn.ModuleDict({s: h.target_modules() for s, h in model.heads.items()})})
+    heads = torch.nn.ModuleDict({s: h.target_modules() for s, h in model.heads.items()})
+    target = common.make_target({"backbone": model.backbone, "heads": heads})
     return model, target
 
 
@@ -40,17 +41,18 @@ def forward_loss(cfg, model, target, pair):
     predictions = model(pair)
     with torch.no_grad():
         targets = [ladder_byol.embed(target, view, cfg.match_on) for view in pair]
-    return ladder_byol.ladder_loss(predictions, targets, ladder_byol.stage_weights(cfg), cfg.dense_weight)
+    return ladder_byol.ladder_loss(predictions, targets, ladder_byol.stage_weights(cfg),
+                                   cfg.dense_weight)
 
 
-# --- Eq. 6 and Table 6 weights ------------------------------------------------------------------------------------
+# --- Eq. 6 and Table 6 weights --------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, expected", [
-    ([], [1 / 16, 1 / 8, 1 / 4, 1]),                               # paper default (Sec. 4.1), w = 1/2
-    (["--w", "0.25"], [1 / 32, 1 / 16, 1 / 8, 1]),                 # Table 6 rows
+    ([], [1 / 16, 1 / 8, 1 / 4, 1]),                             # paper default (Sec. 4.1), w = 1/2
+    (["--w", "0.25"], [1 / 32, 1 / 16, 1 / 8, 1]),               # Table 6 rows
     (["--w", "1"], [1 / 8, 1 / 4, 1 / 2, 1]),
     (["--weights", "1/8,1/8,1/8,1"], [1 / 8, 1 / 8, 1 / 8, 1]),
-    (["--weights", "0,0,0,1"], [0, 0, 0, 1]),                      # BYOL
+    (["--weights", "0,0,0,1"], [0, 0, 0, 1]),                    # BYOL
 ])
 def test_stage_weights_follow_eq6_and_table6(args, expected):
     weights = ladder_byol.stage_weights(config(*args))
@@ -59,26 +61,30 @@ def test_stage_weights_follow_eq6_and_table6(args, expected):
 
 
 def test_L1_equal_stage_losses_give_1_4375_L():
-    """L1: every stage loss equal to L -> total = L (1 + 1/4 + 1/8 + 1/16) = 1.4375 L with the default weights."""
+    """L1: every stage loss equal to L -> total = L (1 + 1/4 + 1/8 + 1/16) = 1.4375 L with the
+    default weights."""
     generator = torch.Generator().manual_seed(0)
     p, z = torch.randn(2, 4, 8, generator=generator), torch.randn(2, 4, 8, generator=generator)
     predictions = [{s: {"global": p[i]} for s in common.STAGES} for i in range(2)]
     targets = [{s: {"global": z[i]} for s in common.STAGES} for i in range(2)]
-    total, stage_losses, _ = ladder_byol.ladder_loss(predictions, targets, ladder_byol.stage_weights(config()), 0.5)
+    total, stage_losses, _ = ladder_byol.ladder_loss(predictions, targets,
+                                                     ladder_byol.stage_weights(config()), 0.5)
     single = common.regression_loss(p[0], z[1]) + common.regression_loss(p[1], z[0])
     assert all(torch.allclose(loss, single) for loss in stage_losses.values())
     assert total.item() == pytest.approx(1.4375 * single.item(), rel=1e-6)
 
 
 def test_L3_intermediate_projector_inputs_match_resnet50_stages():
-    """L3: pooled res2/res3/res4 of ResNet-50 have 256/512/1024 channels; res5 2048. Dense heads too."""
+    """L3: pooled res2/res3/res4 of ResNet-50 have 256/512/1024 channels; res5 2048. Dense heads
+    too."""
     cfg = config("--arch", "resnet50", "--dense-stages", "res2,res3", "--dense-hidden-dim", "0")
     model = ladder_byol.LadderBYOL(cfg)
     widths = {s: head.projector[0].in_features for s, head in model.heads.items()}
     assert widths == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
     dense_in = [model.heads[s].dense_projector[0].in_channels for s in ("res2", "res3")]
     dense_hidden = [model.heads[s].dense_projector[0].out_channels for s in ("res2", "res3")]
-    assert dense_in == dense_hidden == [256, 512]  # default hidden width = the stage's channels (DenseCL)
+    # default hidden width = the stage's channels (DenseCL)
+    assert dense_in == dense_hidden == [256, 512]
     assert not hasattr(model.heads["res4"], "dense_projector")
 
 
@@ -93,15 +99,17 @@ def test_target_mirrors_projectors_only():
         assert torch.equal(param, online[name]), name
 
 
-# --- BYOL is the special case w_i = 0 (Sec. 3.2) -------------------------------------------------------------------
+# --- BYOL is the special case w_i = 0 (Sec. 3.2) --------------------------------------------------
 
 def test_zero_intermediate_weights_give_byol_loss_and_gradients():
     cfg = config("--weights", "0,0,0,1")
     model, target = build(cfg)
     assert list(model.heads) == ["res5"]
     byol_model = byol.BYOL(byol.Config(hidden_dim=32, proj_dim=16))
-    byol_model.load_state_dict({name.replace("heads.res5.", ""): value for name, value in model.state_dict().items()})
-    byol_target = common.make_target({"backbone": byol_model.backbone, "projector": byol_model.projector})
+    byol_model.load_state_dict({name.replace("heads.res5.", ""): value
+                                for name, value in model.state_dict().items()})
+    byol_target = common.make_target({"backbone": byol_model.backbone,
+                                      "projector": byol_model.projector})
     pair = views()
 
     loss, stage_losses, _ = forward_loss(cfg, model, target, pair)
@@ -114,10 +122,11 @@ def test_zero_intermediate_weights_give_byol_loss_and_gradients():
     byol_loss.backward()
     byol_grads = {name: p.grad for name, p in byol_model.named_parameters()}
     for name, param in model.named_parameters():
-        assert torch.allclose(param.grad, byol_grads[name.replace("heads.res5.", "")], atol=1e-6), name
+        assert torch.allclose(param.grad, byol_grads[name.replace("heads.res5.", "")],
+                              atol=1e-6), name
 
 
-# --- L2: gradient flow ---------------------------------------------------------------------------------------------
+# --- L2: gradient flow ----------------------------------------------------------------------------
 
 LAYER_OF = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
 
@@ -138,10 +147,12 @@ def test_L2_each_stage_loss_reaches_its_own_head_and_the_stages_below():
             assert has_gradient(head) == (other == stage), f"head {other} vs loss {stage}"
         for lower_index, lower in enumerate(common.STAGES):
             layer = getattr(model.backbone, LAYER_OF[lower])
-            assert has_gradient(layer) == (lower_index <= index), f"backbone {LAYER_OF[lower]} vs loss {stage}"
+            assert has_gradient(layer) == (lower_index <= index), \
+                f"backbone {LAYER_OF[lower]} vs loss {stage}"
         assert has_gradient(model.backbone.conv1)
         if stage in dense_losses:
-            assert has_gradient(model.heads[stage].dense_predictor) and has_gradient(model.heads[stage].dense_projector)
+            assert has_gradient(model.heads[stage].dense_predictor)
+            assert has_gradient(model.heads[stage].dense_projector)
     assert all(p.grad is None for p in target.parameters())
 
 
@@ -150,13 +161,14 @@ def test_L2_with_res5_loss_detached_lower_blocks_still_learn():
     model, target = build(cfg)
     _, stage_losses, _ = forward_loss(cfg, model, target, views())
     weights = ladder_byol.stage_weights(cfg)
-    total = sum(weights[s] * (loss.detach() if s == "res5" else loss) for s, loss in stage_losses.items())
+    total = sum(weights[s] * (loss.detach() if s == "res5" else loss)
+                for s, loss in stage_losses.items())
     total.backward()
     assert all(has_gradient(getattr(model.backbone, LAYER_OF[s])) for s in ("res2", "res3", "res4"))
     assert not has_gradient(model.backbone.layer4) and not has_gradient(model.heads["res5"])
 
 
-# --- Ladder-DenseBYOL --------------------------------------------------------------------------------------------
+# --- Ladder-DenseBYOL -----------------------------------------------------------------------------
 
 def test_dense_stage_loss_averages_global_and_dense():
     cfg = config("--dense-stages", "res2,res3")
@@ -165,17 +177,22 @@ def test_dense_stage_loss_averages_global_and_dense():
     predictions = model(pair)
     with torch.no_grad():
         targets = [ladder_byol.embed(target, view, cfg.match_on) for view in pair]
-    _, stage_losses, dense_losses = ladder_byol.ladder_loss(predictions, targets, ladder_byol.stage_weights(cfg), 0.5)
+    _, stage_losses, dense_losses = ladder_byol.ladder_loss(predictions, targets,
+                                                            ladder_byol.stage_weights(cfg), 0.5)
     p1, p2 = predictions
     z1, z2 = targets
-    assert p1["res2"]["dense"].shape == (4, 16, 8, 8) and p1["res3"]["dense"].shape == (4, 16, 4, 4)  # 32 px, strides 4/8
-    global_res2 = common.regression_loss(p1["res2"]["global"], z2["res2"]["global"]) + common.regression_loss(
-        p2["res2"]["global"], z1["res2"]["global"])
-    dense_res2 = common.dense_regression_loss(p1["res2"]["dense"], z2["res2"]["dense"], p1["res2"]["match"],
-                                              z2["res2"]["match"]) + common.dense_regression_loss(
-        p2["res2"]["dense"], z1["res2"]["dense"], p2["res2"]["match"], z1["res2"]["match"])
+    # 32 px, strides 4/8
+    assert p1["res2"]["dense"].shape == (4, 16, 8, 8)
+    assert p1["res3"]["dense"].shape == (4, 16, 4, 4)
+    global_res2 = (common.regression_loss(p1["res2"]["global"], z2["res2"]["global"])
+                   + common.regression_loss(p2["res2"]["global"], z1["res2"]["global"]))
+    dense_res2 = (common.dense_regression_loss(p1["res2"]["dense"], z2["res2"]["dense"],
+                                               p1["res2"]["match"], z2["res2"]["match"])
+                  + common.dense_regression_loss(p2["res2"]["dense"], z1["res2"]["dense"],
+                                                 p2["res2"]["match"], z1["res2"]["match"]))
     assert dense_losses["res2"].item() == pytest.approx(dense_res2.item(), rel=1e-6)
-    assert stage_losses["res2"].item() == pytest.approx(0.5 * global_res2.item() + 0.5 * dense_res2.item(), rel=1e-6)
+    assert stage_losses["res2"].item() == pytest.approx(
+        0.5 * global_res2.item() + 0.5 * dense_res2.item(), rel=1e-6)
     assert 0 < dense_res2.item() < 8
 
 
@@ -189,28 +206,34 @@ def test_match_on_backbone_uses_stage_maps():
 def test_table5_patterns_are_expressible():
     patterns = {"G G G G": [], "D D G G": ["--dense-stages", "res2,res3"],
                 "D D D D": ["--dense-stages", "res2,res3,res4,res5"],
-                "- - - G": ["--weights", "0,0,0,1"], "- - - D": ["--weights", "0,0,0,1", "--dense-stages", "res5"]}
+                "- - - G": ["--weights", "0,0,0,1"],
+                "- - - D": ["--weights", "0,0,0,1", "--dense-stages", "res5"]}
     for pattern, args in patterns.items():
         model = ladder_byol.LadderBYOL(config(*args))
-        got = ["-" if s not in model.heads else ("D" if hasattr(model.heads[s], "dense_projector") else "G")
+        got = ["-" if s not in model.heads
+               else ("D" if hasattr(model.heads[s], "dense_projector") else "G")
                for s in common.STAGES]
         assert " ".join(got) == pattern
 
 
-# --- training runs -----------------------------------------------------------------------------------------------
+# --- training runs --------------------------------------------------------------------------------
 
 def test_two_process_ddp_ladder_dense_keeps_ranks_identical(tmp_path):
-    states = run_two_processes("ladder_byol", TINY + ["--dense-stages", "res2,res3", "--stop-after", "2"],
+    states = run_two_processes("ladder_byol",
+                               TINY + ["--dense-stages", "res2,res3", "--stop-after", "2"],
                                str(tmp_path))
     assert_same_parameters(states)
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert {"loss_res2", "loss_res3", "loss_res4", "loss_res5", "dense_res2", "dense_res3"} <= set(records[-1])
+    assert ({"loss_res2", "loss_res3", "loss_res4", "loss_res5", "dense_res2", "dense_res3"}
+            <= set(records[-1]))
     assert records[-1]["step"] == 2
 
 
 def test_resume_refuses_a_checkpoint_with_other_heads(tmp_path, capsys):
-    """The shared loop's exact resume is tested in test_byol.py; here: a different ladder must not load silently."""
-    ladder_byol.main(TINY + ["--device", "cpu", "--out", str(tmp_path), "--dense-stages", "res2", "--stop-after", "1"])
+    """The shared loop's exact resume is tested in test_byol.py; here: a different ladder must not
+    load silently."""
+    ladder_byol.main(TINY + ["--device", "cpu", "--out", str(tmp_path), "--dense-stages", "res2",
+                             "--stop-after", "1"])
     with pytest.raises(SystemExit) as exit_info:
         ladder_byol.main(TINY + ["--device", "cpu", "--out", str(tmp_path), "--resume"])
     assert exit_info.value.code == 2 and "dense_stages" in capsys.readouterr().err
@@ -234,10 +257,12 @@ def test_bad_flags(tmp_path, capsys, args, message):
 
 
 def test_predictor_learning_rate_factor_defaults():
-    """10x on the CPU default (as byol.py), 1x in every paper preset; the predictors are the modules it applies to."""
+    """10x on the CPU default (as byol.py), 1x in every paper preset; the predictors are the modules
+    it applies to."""
     assert ladder_byol.Config().predictor_lr_mult == 10.0
     for name in ladder_byol.PRESETS:
-        assert common.parse_config(ladder_byol.Config, ladder_byol.PRESETS, ["--preset", name]).predictor_lr_mult == 1.0
+        cfg = common.parse_config(ladder_byol.Config, ladder_byol.PRESETS, ["--preset", name])
+        assert cfg.predictor_lr_mult == 1.0
 
 
 # --- a dense rung by hand: Eq. 5 and Eq. 7 written as loops ---------------------------------------
