@@ -15,13 +15,14 @@ from ddp_runner import assert_same_parameters, run_two_processes
 
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Montage assembly (Alg. 1; official random_combine_img in openselfsup/models/mcl.py)
 
 
 def index_images(batch, size):
     """Images whose pixels all equal their index: batch x 3 x size x size."""
-    return torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, size, size).contiguous()
+    return (torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1)
+            .expand(batch, 3, size, size).contiguous())
 
 
 def test_montage_layout_with_known_permutation():
@@ -53,7 +54,8 @@ def test_montage_random_permutation_structure_and_counts():
         for m in range(counts[level]):
             for row in range(ratio):
                 for col in range(ratio):
-                    window = montages[m, :, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile]
+                    window = montages[m, :, row * tile:(row + 1) * tile,
+                                      col * tile:(col + 1) * tile]
                     assert torch.all(window == ids[m * ratio * ratio + row * ratio + col])
         appearances = torch.bincount(ids, minlength=batch)
         expected = [math.ceil((slots - i) / batch) for i in range(batch)]
@@ -71,11 +73,12 @@ def test_official_montage_counts():
 
 def test_downsampling_is_nearest():
     image = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
-    montage, _ = mcl.assemble_montages(image, ratio=2, num_montages=1, order=torch.zeros(4, dtype=torch.long))
+    montage, _ = mcl.assemble_montages(image, ratio=2, num_montages=1,
+                                       order=torch.zeros(4, dtype=torch.long))
     assert montage[0, 0, :2, :2].flatten().tolist() == [0, 2, 8, 10]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Region windows (Sec. 3.2; official DetConvGpNonLinearHead in openselfsup/models/necks.py)
 
 
@@ -91,12 +94,15 @@ def test_window_order():
     windows = mcl.tile_windows(quadrant_map(), ratio=2)
     assert windows.shape == (4, 2, 7, 7)
     assert windows.mean(dim=(1, 2, 3)).tolist() == [0, 1, 2, 3]
-    # region_windows picks exact slicing for lattice-aligned tiles (28 px tiles on a stride-4 map = 7 cells)
-    assert torch.equal(mcl.region_windows(quadrant_map(), ratio=2, tile_pixels=28, stride=4), windows)
+    # region_windows picks exact slicing for lattice-aligned tiles (28 px tiles on a stride-4 map =
+    # 7 cells)
+    assert torch.equal(mcl.region_windows(quadrant_map(), ratio=2, tile_pixels=28, stride=4),
+                       windows)
 
 
 def test_roi_windows_follow_tile_order():
-    # 14 px tiles on a stride-2 map; RoIAlign mixes neighbours at window borders, the interior must be exact.
+    # 14 px tiles on a stride-2 map; RoIAlign mixes neighbours at window borders, the interior must
+    # be exact.
     windows = mcl.tile_windows_roi(quadrant_map(), ratio=2, tile_pixels=14, stride=2, cells=7)
     assert windows.shape == (4, 2, 7, 7)
     interior = windows[:, :, 1:6, 1:6]
@@ -129,7 +135,7 @@ def test_montage_tiles_land_in_their_windows():
     assert torch.equal(windows.mean(dim=(1, 2, 3)), ids.float())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loss (Eq. 2, x 2T w_s as openselfsup/models/heads/latent_pred_head.py; modes of Sec. 3.3)
 
 
@@ -139,7 +145,7 @@ def test_loss_scaling_2T_w():
     labels = torch.randint(0, 10, (6,))
     plain_ce = F.cross_entropy(F.normalize(predictions, dim=1) @ keys.T, labels)
     level = mcl.info_nce(predictions, keys, labels, temperature=1.0)
-    assert torch.allclose(0.5 * level, plain_ce, atol=1e-6)           # x 2T x w = 1 at T = 1, w = 1/2
+    assert torch.allclose(0.5 * level, plain_ce, atol=1e-6)     # x 2T x w = 1 at T = 1, w = 1/2
     assert torch.allclose(0.25 * level, plain_ce / 2, atol=1e-6)
     assert torch.allclose(0.125 * level, plain_ce / 4, atol=1e-6)
     tau = 0.2
@@ -178,21 +184,24 @@ def make_tile_ids(batch, num_levels, level_copies, seed):
 
 @pytest.mark.parametrize("mode", ["a", "b", "c", "d"])
 def test_modes_pair_every_tile_with_its_own_image(mode):
-    """Oracle embeddings = one-hot of the global image id: if every positive is the right image, each pair's loss is
-    exactly the 'perfect' InfoNCE value 2T * -log(e^(1/T) / (e^(1/T) + M - 1)), so the total is known in closed form."""
+    """Oracle embeddings = one-hot of the global image id: if every positive is the right image,
+    each pair's loss is exactly the 'perfect' InfoNCE value 2T * -log(e^(1/T) / (e^(1/T) + M - 1)),
+    so the total is known in closed form."""
     batch, world, rank, levels, tau = 8, 2, 1, 4, 0.5
     weights = (0.5, 0.25, 0.125, 0.125)
     offset = rank * batch
     num_keys = batch * world
     tile_ids = [make_tile_ids(batch, levels, (1, 1, 1, 2), seed) for seed in (1, 2)]
-    predictions = [[F.one_hot(ids + offset, num_keys).float() * 3.0 for ids in branch] for branch in tile_ids]
+    predictions = [[F.one_hot(ids + offset, num_keys).float() * 3.0 for ids in branch]
+                   for branch in tile_ids]
     keys = []
     for branch in tile_ids:
         per_level = []
         for ids in branch:
-            local = mcl.per_image_keys(F.one_hot(ids + offset, num_keys).float(), ids, batch)   # N x M
-            other_rank = F.one_hot(torch.arange(batch), num_keys).float()                     # rank 0's keys
-            per_level.append(torch.cat([other_rank, local]))                                  # gathered, rank order
+            # this rank's keys, N x M
+            local = mcl.per_image_keys(F.one_hot(ids + offset, num_keys).float(), ids, batch)
+            other_rank = F.one_hot(torch.arange(batch), num_keys).float()  # rank 0's keys
+            per_level.append(torch.cat([other_rank, local]))               # gathered, rank order
         keys.append(per_level)
     pairs = mcl.matching_pairs(mode, levels)
     total, terms = mcl.mcl_loss(predictions, keys, tile_ids, pairs, weights, tau, offset)
@@ -207,15 +216,18 @@ def test_modes_pair_every_tile_with_its_own_image(mode):
 
 
 def test_mode_a_is_the_official_formula():
-    """Mode (a): sum over branches and levels of w_s * 2T * CE(cos(pred, other branch's level-0 targets) / T)."""
+    """Mode (a): sum over branches and levels of
+    w_s * 2T * CE(cos(pred, other branch's level-0 targets) / T)."""
     torch.manual_seed(0)
     batch, levels, tau = 6, 3, 1.0
     weights = (0.5, 0.25, 0.25)
     tile_ids = [make_tile_ids(batch, levels, (1, 1, 2), seed) for seed in (4, 5)]
-    predictions = [[torch.randn(len(ids), 8, requires_grad=True) for ids in branch] for branch in tile_ids]
+    predictions = [[torch.randn(len(ids), 8, requires_grad=True) for ids in branch]
+                   for branch in tile_ids]
     targets = [F.normalize(torch.randn(batch, 8), dim=1) for _ in range(2)]
     keys = [[targets[b]] + [None] * (levels - 1) for b in range(2)]
-    total, _ = mcl.mcl_loss(predictions, keys, tile_ids, mcl.matching_pairs("a", levels), weights, tau, 0)
+    total, _ = mcl.mcl_loss(predictions, keys, tile_ids, mcl.matching_pairs("a", levels), weights,
+                            tau, 0)
     expected = 0.0
     for b in range(2):
         for s in range(levels):
@@ -225,7 +237,8 @@ def test_mode_a_is_the_official_formula():
             expected = expected + weights[s] * 2 * tau * nll
     assert torch.allclose(total, expected, atol=1e-6)
     total.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for branch in predictions for p in branch)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for branch in predictions for p in branch)
 
 
 def test_modes_c_and_d_weigh_each_pair_w_s_over_n_s_as_documented():
@@ -257,7 +270,7 @@ def test_modes_c_and_d_weigh_each_pair_w_s_over_n_s_as_documented():
     assert "(w_s/n_s)·2T" in row and "n_s =" in row.split("(w_s/n_s)·2T")[1]     # and defines n_s
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Modules and export
 
 
@@ -270,31 +283,36 @@ def test_fpn_and_head_shapes():
     assert {k: tuple(v.shape) for k, v in pyramid.items()} == {
         "p2": (2, 24, 16, 16), "p3": (2, 24, 8, 8), "p4": (2, 24, 4, 4), "p5": (2, 24, 2, 2)}
     head = mcl.RegionHead(dim=24, hidden_dim=32, out_dim=12)
-    windows = mcl.region_windows(pyramid["p3"], ratio=4, tile_pixels=8, stride=4)   # 4x4 tiles of 2x2 cells
+    # 4x4 tiles of 2x2 cells
+    windows = mcl.region_windows(pyramid["p3"], ratio=4, tile_pixels=8, stride=4)
     assert windows.shape == (32, 24, 2, 2)
     assert head(windows).shape == (32, 12)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Schedules (Sec. 4.1), training steps, DDP, resume, CLI
 
-TINY = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "16", "--fpn-dim", "16", "--hidden-dim", "64",
-        "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+TINY = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "16", "--fpn-dim", "16",
+        "--hidden-dim", "64", "--proj-dim", "32", "--epochs", "1", "--knn-every", "0",
+        "--log-every", "1"]
 
 
 def test_schedules_of_the_imagenet_preset():
     cfg = common.parse_config(mcl.Config, mcl.PRESETS, ["--preset", "imagenet"])
     peak = cfg.base_lr * cfg.batch_size / 256
-    total, warmup = 31270, 3127           # 100 epochs and 10 warmup epochs of 1 281 167 images at B = 4096
+    # 100 epochs and 10 warmup epochs of 1 281 167 images at B = 4096
+    total, warmup = 31270, 3127
     assert peak == 16.0
     assert common.lr_at(warmup, total, warmup, peak, cfg.final_lr) == pytest.approx(16.0)
     assert common.lr_at(total, total, warmup, peak, cfg.final_lr) == pytest.approx(1e-4)
-    # NOTE: the official warmup starts at 16 * 1e-4; ours starts at 0 and is within that after one step
+    # NOTE: the official warmup starts at 16 * 1e-4; ours starts at 0 and is within that after one
+    # step
     assert common.lr_at(0, total, warmup, peak, cfg.final_lr) == 0.0
     assert common.lr_at(1, total, warmup, peak, cfg.final_lr) < 16e-4 + 16 / warmup
     assert common.cosine_tau(0, total, cfg.tau_base) == pytest.approx(0.99)
     assert common.cosine_tau(total, total, cfg.tau_base) == pytest.approx(1.0)
-    assert (cfg.weight_decay, cfg.epochs, cfg.temperature, cfg.level_weights) == (1e-5, 100, 1.0, (0.5, 0.25, 0.125, 0.125))
+    assert ((cfg.weight_decay, cfg.epochs, cfg.temperature, cfg.level_weights)
+            == (1e-5, 100, 1.0, (0.5, 0.25, 0.125, 0.125)))
 
 
 def tiny_model(mode):
@@ -307,16 +325,18 @@ def tiny_model(mode):
 
 @pytest.mark.parametrize("mode", ["a", "b", "c", "d"])
 def test_one_training_step_per_mode(mode):
-    """Finite loss, gradient on every online parameter, none on the target (which has no predictors)."""
+    """Finite loss, gradient on every online parameter, none on the target (which has no
+    predictors)."""
     cfg, model, target = tiny_model(mode)
     batch = 8
     images = common.make_synthetic(batch, cfg.image_size)[0]
     counts = mcl.montage_counts(batch, cfg.level_copies)
     geometry = (cfg.image_size, mcl.P5_STRIDE[cfg.stem])
     pairs = mcl.matching_pairs(mode, 4)
-    stacks, tile_ids = mcl.make_inputs(images, common.BYOL_VIEWS, cfg, counts, torch.Generator().manual_seed(0),
-                                       torch.contiguous_format)
-    assert [s.shape[0] for s in stacks] == [sum(counts)] * 2 and stacks[0].shape[-1] == cfg.image_size
+    stacks, tile_ids = mcl.make_inputs(images, common.BYOL_VIEWS, cfg, counts,
+                                       torch.Generator().manual_seed(0), torch.contiguous_format)
+    assert [s.shape[0] for s in stacks] == [sum(counts)] * 2
+    assert stacks[0].shape[-1] == cfg.image_size
     predictions = model(stacks, counts, geometry)
     assert [p.shape[0] for p in predictions[0]] == [c * 4 ** s for s, c in enumerate(counts)]
     target_levels = sorted({t for _, t in pairs})
@@ -324,12 +344,14 @@ def test_one_training_step_per_mode(mode):
         targets = [mcl.embed(target, stack, counts, geometry, target_levels) for stack in stacks]
     assert (targets[0][1] is None) == (mode == "a")
     keys = mcl.target_keys(targets, tile_ids, batch)
-    loss, terms = mcl.mcl_loss(predictions, keys, tile_ids, pairs, cfg.level_weights, cfg.temperature, 0)
+    loss, terms = mcl.mcl_loss(predictions, keys, tile_ids, pairs, cfg.level_weights,
+                               cfg.temperature, 0)
     assert torch.isfinite(loss) and len(terms) == len(pairs)
     loss.backward()
     assert not any(name.startswith("predictors") for name, _ in target.named_parameters())
     assert all(p.grad is None for p in target.parameters())
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [name for name, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
 
 
@@ -386,7 +408,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 
 
 def test_resume_is_exact_and_export_selects_detector_modules(tmp_path):
-    args = TINY + ["--device", "cpu", "--batch-size", "8", "--synthetic-size", "24"]   # 3 steps in the epoch
+    # 3 steps in the epoch
+    args = TINY + ["--device", "cpu", "--batch-size", "8", "--synthetic-size", "24"]
     mcl.main(args + ["--out", str(tmp_path / "straight")])
     assert mcl.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "1"])["step"] == 1
     mcl.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
@@ -421,8 +444,10 @@ def test_bad_flags(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--level-weights", "0.5,0.25,0.25", "--level-copies", "1,1,1", "--mode", "b"],  # 3 levels: FPN P3..P5 only
-    ["--image-size", "48", "--mode", "d"],  # 48 px: tiles off the stride-32 lattice -> RoIAlign path
+    # 3 levels: FPN P3..P5 only
+    ["--level-weights", "0.5,0.25,0.25", "--level-copies", "1,1,1", "--mode", "b"],
+    # 48 px: tiles off the stride-32 lattice -> RoIAlign path
+    ["--image-size", "48", "--mode", "d"],
 ])
 def test_other_geometries_train(extra):
     cfg = common.parse_config(mcl.Config, mcl.PRESETS, TINY + extra)
@@ -434,15 +459,15 @@ def test_other_geometries_train(extra):
     images = common.make_synthetic(batch, cfg.image_size)[0]
     counts = mcl.montage_counts(batch, cfg.level_copies)
     geometry = (cfg.image_size, mcl.P5_STRIDE[cfg.stem])
-    stacks, tile_ids = mcl.make_inputs(images, common.BYOL_VIEWS, cfg, counts, torch.Generator().manual_seed(0),
-                                       torch.contiguous_format)
+    stacks, tile_ids = mcl.make_inputs(images, common.BYOL_VIEWS, cfg, counts,
+                                       torch.Generator().manual_seed(0), torch.contiguous_format)
     predictions = model(stacks, counts, geometry)
     target = common.make_target({"backbone": model.backbone, "fpn": model.fpn, "head": model.head})
     with torch.no_grad():
         targets = [mcl.embed(target, stack, counts, geometry, range(levels)) for stack in stacks]
     pairs = mcl.matching_pairs(cfg.mode, levels)
-    loss, _ = mcl.mcl_loss(predictions, mcl.target_keys(targets, tile_ids, batch), tile_ids, pairs, cfg.level_weights,
-                           cfg.temperature, 0)
+    loss, _ = mcl.mcl_loss(predictions, mcl.target_keys(targets, tile_ids, batch), tile_ids, pairs,
+                           cfg.level_weights, cfg.temperature, 0)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters())
