@@ -1,10 +1,10 @@
 """Shared parts: BYOL loss, schedules, LARS, EMA, kNN, augmentation, config, checkpoints.
 
-B1-B5 and K1 below name the cross-checks against the official functions (DeepMind byol/, InstDisc kNN)."""
+B1-B5 and K1 below name the cross-checks against the official functions (DeepMind byol/, InstDisc
+kNN)."""
 
 import colorsys
 import dataclasses
-import math
 import os
 import shutil
 
@@ -17,7 +17,7 @@ import torchvision.transforms.v2.functional as TF
 import common
 
 
-# --- B1, B4: regression loss ----------------------------------------------------------------------------------------
+# --- B1, B4: regression loss ----------------------------------------------------------------------
 
 def test_b1_byol_loss_value():
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def test_regression_loss_stops_gradient_on_target():
     assert z.grad is None
 
 
-# --- B2, C4: schedules ----------------------------------------------------------------------------------------------
+# --- B2, C4: schedules ----------------------------------------------------------------------------
 
 def test_b2_schedules_at_boundaries():
     images, batch, epochs = 1_281_167, 4096, 1000
@@ -62,10 +62,11 @@ def test_b2_schedules_at_boundaries():
     assert common.cosine_tau(156_392, total, 0.996) == pytest.approx(0.998, abs=1e-9)
     assert common.cosine_tau(total, total, 0.996) == pytest.approx(1.0)
     # LEWEL EMAN numbers (C4)
-    assert [common.cosine_tau(k, 1000, 0.98) for k in (0, 500, 1000)] == pytest.approx([0.98, 0.99, 1.0])
+    assert ([common.cosine_tau(k, 1000, 0.98) for k in (0, 500, 1000)]
+            == pytest.approx([0.98, 0.99, 1.0]))
 
 
-# --- B3: LARS -------------------------------------------------------------------------------------------------------
+# --- B3: LARS -------------------------------------------------------------------------------------
 
 def reference_lars_step(params, lr, momentum, weight_decay, trust, buffers, adapted):
     """Plain per-parameter LARS (optax order), the formula in common.LARS's docstring."""
@@ -112,21 +113,25 @@ def test_lars_excludes_biases_and_norm_parameters():
 
 
 def test_lars_groups_with_a_learning_rate_factor_per_module():
-    model = nn.ModuleDict(dict(backbone=nn.Linear(4, 4), head=nn.ModuleDict(dict(predictor=nn.Sequential(
-        nn.Linear(4, 4), nn.BatchNorm1d(4)))), predictor2=nn.Linear(4, 4)))  # "predictor2" is another module
+    model = nn.ModuleDict(dict(  # "predictor2" is another module
+        backbone=nn.Linear(4, 4),
+        head=nn.ModuleDict(dict(predictor=nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))),
+        predictor2=nn.Linear(4, 4)))
     groups = common.lars_param_groups(model, 1e-6, {"predictor": 10.0})
     summary = [(g["lr_mult"], g["lars"], g["weight_decay"], len(g["params"])) for g in groups]
-    assert summary == [(1.0, True, 1e-6, 2), (1.0, False, 0.0, 2), (10.0, True, 1e-6, 1), (10.0, False, 0.0, 3)]
+    assert summary == [(1.0, True, 1e-6, 2), (1.0, False, 0.0, 2), (10.0, True, 1e-6, 1),
+                       (10.0, False, 0.0, 3)]
     predictor = {id(p) for p in model["head"]["predictor"].parameters()}
     assert all((id(p) in predictor) == (g["lr_mult"] == 10.0) for g in groups for p in g["params"])
     assert all(g["lr_mult"] == 1.0 for g in common.lars_param_groups(model, 1e-6))
 
 
-# --- B5: target network and EMA -------------------------------------------------------------------------------------
+# --- B5: target network and EMA -------------------------------------------------------------------
 
 def test_b5_target_copy_and_ema_formula():
     torch.manual_seed(0)
-    online = nn.ModuleDict(dict(backbone=nn.Linear(4, 4), projector=nn.Linear(4, 2), predictor=nn.Linear(2, 2)))
+    online = nn.ModuleDict(dict(backbone=nn.Linear(4, 4), projector=nn.Linear(4, 2),
+                                predictor=nn.Linear(2, 2)))
     target = common.make_target({"backbone": online.backbone, "projector": online.projector})
     for name, param in target.named_parameters():
         assert torch.equal(param, dict(online.named_parameters())[name]) and not param.requires_grad
@@ -152,14 +157,15 @@ def test_ema_with_buffers_copies_integer_buffers():
     assert target["1"].num_batches_tracked.item() == online[1].num_batches_tracked.item() == 1
 
 
-# --- K1: weighted kNN -----------------------------------------------------------------------------------------------
+# --- K1: weighted kNN -----------------------------------------------------------------------------
 
 def test_k1_weighted_knn():
     torch.manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(1000, 64), dim=1)
     labels = torch.randint(0, 10, (1000,))
     queries = torch.nn.functional.normalize(torch.randn(5, 64), dim=1)
-    predictions, scores = common.knn_predict(bank, labels, queries, k=200, temperature=0.1, num_classes=10)
+    predictions, scores = common.knn_predict(bank, labels, queries, k=200, temperature=0.1,
+                                             num_classes=10)
     assert predictions.tolist() == [2, 3, 7, 4, 5]
     assert scores[0].max().item() == pytest.approx(174.1258, abs=1e-3)
     # k is capped by the bank size
@@ -167,13 +173,14 @@ def test_k1_weighted_knn():
     assert predictions.shape == (5,)
 
 
-# --- augmentation ---------------------------------------------------------------------------------------------------
+# --- augmentation ---------------------------------------------------------------------------------
 
 def smooth_images(batch=6, size=48, seed=0):
     """Low-frequency uint8 images, so sub-pixel resampling differences stay small."""
     generator = torch.Generator().manual_seed(seed)
     low = torch.rand(batch, 3, 6, 6, generator=generator)
-    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic",
+                                        align_corners=False).clamp(0, 1)
     return (x * 255).round().to(torch.uint8)
 
 
@@ -185,18 +192,21 @@ def unnormalize(views):
 
 def test_per_sample_parameters_differ():
     images = smooth_images(1).expand(16, -1, -1, -1).contiguous()  # the same image 16 times
-    views, boxes, flips = common.augment(images, common.BYOL_VIEWS[1], 32, torch.Generator().manual_seed(0))
+    views, boxes, flips = common.augment(images, common.BYOL_VIEWS[1], 32,
+                                         torch.Generator().manual_seed(0))
     assert views.shape == (16, 3, 32, 32) and views.dtype == torch.float32
     assert boxes.unique(dim=0).shape[0] == 16
     assert 0 < flips.sum() < 16
     flat = views.flatten(1)
-    assert (torch.cdist(flat, flat) + torch.eye(16) * 1e9).min() > 1e-3  # every view differs from every other
+    # every view differs from every other
+    assert (torch.cdist(flat, flat) + torch.eye(16) * 1e9).min() > 1e-3
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_box_and_flip_reproduce_the_view(interpolation):
     images = smooth_images(8, 48)
-    recipe = dataclasses.replace(common.GEOMETRY_ONLY, interpolation=interpolation, crop_scale=(0.2, 1.0))
+    recipe = dataclasses.replace(common.GEOMETRY_ONLY, interpolation=interpolation,
+                                 crop_scale=(0.2, 1.0))
     views, boxes, flips = common.augment(images, recipe, 24, torch.Generator().manual_seed(3))
     views = unnormalize(views)
     assert ((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 1) & (boxes[:, 2:] > boxes[:, :2])).all()
@@ -204,14 +214,16 @@ def test_box_and_flip_reproduce_the_view(interpolation):
         x0, y0, x1, y1 = (boxes[b] * 48).tolist()
         left, top = round(x0), round(y0)
         width, height = round(x1) - left, round(y1) - top
-        crop = TF.resized_crop(images[b].float() / 255, top, left, height, width, [24, 24], antialias=False)
+        crop = TF.resized_crop(images[b].float() / 255, top, left, height, width, [24, 24],
+                               antialias=False)
         if flips[b]:
             crop = crop.flip(-1)
         assert (crop - views[b]).abs().mean() < 0.02, f"sample {b}"
 
 
 def test_crop_boxes_respect_scale_and_ratio():
-    boxes = common.sample_crop_boxes(2000, 40, 60, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
+    boxes = common.sample_crop_boxes(2000, 40, 60, (0.08, 1.0), (3 / 4, 4 / 3),
+                                     torch.Generator().manual_seed(0), "cpu")
     width, height = (boxes[:, 2] - boxes[:, 0]) * 60, (boxes[:, 3] - boxes[:, 1]) * 40
     area = width * height / (40 * 60)
     whole = (area > 0.999)
@@ -223,19 +235,23 @@ def test_crop_boxes_respect_scale_and_ratio():
 def test_blur_kernel_size_and_always_blurred_view():
     assert common.blur_kernel_size(224) == 23
     assert common.blur_kernel_size(64) == 7
-    images = (torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    sharp = dataclasses.replace(common.GEOMETRY_ONLY, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
+    seeded = torch.Generator().manual_seed(0)
+    images = (torch.rand(8, 3, 224, 224, generator=seeded) * 255).to(torch.uint8)
+    sharp = dataclasses.replace(common.GEOMETRY_ONLY, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                                flip_p=0.0)
     blurred = dataclasses.replace(sharp, blur_p=1.0)
     a = unnormalize(common.augment(images, sharp, 224, torch.Generator().manual_seed(0))[0])
     b = unnormalize(common.augment(images, blurred, 224, torch.Generator().manual_seed(0))[0])
-    # every view-1 image (blur p = 1) is smoother than its unblurred twin (sigma >= 0.1 px barely blurs: <= there)
+    # every view-1 image (blur p = 1) is smoother than its unblurred twin (sigma >= 0.1 px barely
+    # blurs: <= there)
     roughness = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
     assert (roughness(b) <= roughness(a) + 1e-6).all()
     assert (roughness(b) < 0.9 * roughness(a)).sum() >= 6
 
 
 def test_colour_ops_match_torchvision():
-    images = (torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    seeded = torch.Generator().manual_seed(1)
+    images = (torch.rand(4, 3, 16, 16, generator=seeded) * 255).to(torch.uint8)
     x = images.float() / 255
     factors = torch.tensor([0.6, 0.9, 1.2, 1.4])
     shifts = torch.tensor([-0.1, -0.03, 0.05, 0.1])
@@ -251,7 +267,8 @@ def test_colour_ops_match_torchvision():
 def test_grayscale_and_solarize_semantics():
     x = torch.rand(2, 3, 4, 4)
     gray = common._gray(x)
-    torch.testing.assert_close(gray.expand(-1, 3, -1, -1), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gray.expand(-1, 3, -1, -1),
+                               TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6, rtol=0)
     solar = common.solarize(x)
     assert torch.equal(solar[x >= 0.5], 1 - x[x >= 0.5]) and torch.equal(solar[x < 0.5], x[x < 0.5])
     recipe = dataclasses.replace(common.GEOMETRY_ONLY, gray_p=1.0)
@@ -261,23 +278,27 @@ def test_grayscale_and_solarize_semantics():
 
 
 def reference_crop_resize(images, boxes, flips, out_size, interpolation):
-    """crop_resize's definition: one affine grid per sample through grid_sample (border padding, bicubic clamped)."""
+    """crop_resize's definition: one affine grid per sample through grid_sample (border padding,
+    bicubic clamped)."""
     x0, y0, x1, y1 = boxes.unbind(dim=1)
     theta = torch.zeros(boxes.shape[0], 2, 3)
     theta[:, 0, 0] = (x1 - x0) * (1 - 2 * flips.float())
     theta[:, 0, 2] = x0 + x1 - 1
     theta[:, 1, 1] = y1 - y0
     theta[:, 1, 2] = y0 + y1 - 1
-    grid = F.affine_grid(theta, (boxes.shape[0], images.shape[1], out_size, out_size), align_corners=False)
-    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
+    grid = F.affine_grid(theta, (boxes.shape[0], images.shape[1], out_size, out_size),
+                         align_corners=False)
+    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border",
+                        align_corners=False)
     return out.clamp(0, 1) if interpolation == "bicubic" else out
 
 
 def reference_color_augment(x, recipe, generator):
-    """color_augment's definition, one sample at a time with torchvision's functional ops and the same draws.
+    """color_augment's definition, one sample at a time with torchvision's functional ops and the
+    same draws.
 
-    Returns (images, ambiguous): ambiguous marks pixels within 1e-4 of the solarize threshold, where rounding may
-    put the two implementations on different sides.
+    Returns (images, ambiguous): ambiguous marks pixels within 1e-4 of the solarize threshold, where
+    rounding may put the two implementations on different sides.
     """
     batch, size = x.shape[0], x.shape[-1]
     u = torch.rand(batch, 12, generator=generator)
@@ -299,7 +320,8 @@ def reference_color_augment(x, recipe, generator):
                     image = TF.adjust_hue(image, -h + 2 * h * draw[3])
         if draw[5] < recipe.gray_p:
             image = TF.rgb_to_grayscale(image, num_output_channels=3)
-        sigma = (recipe.blur_sigma[0] + (recipe.blur_sigma[1] - recipe.blur_sigma[0]) * draw[6]) * size / 224
+        sigma = ((recipe.blur_sigma[0] + (recipe.blur_sigma[1] - recipe.blur_sigma[0]) * draw[6])
+                 * size / 224)
         if kernel > 1 and draw[7] < recipe.blur_p:
             image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
         solarized = draw[8] < recipe.solarize_p
@@ -308,22 +330,28 @@ def reference_color_augment(x, recipe, generator):
     return torch.stack(images), torch.stack(ambiguous)
 
 
-ALL_ON = dataclasses.replace(common.BYOL_VIEWS[1], jitter_p=1.0, gray_p=1.0, blur_p=1.0, solarize_p=1.0)
+ALL_ON = dataclasses.replace(common.BYOL_VIEWS[1], jitter_p=1.0, gray_p=1.0, blur_p=1.0,
+                             solarize_p=1.0)
 JITTER_ON = dataclasses.replace(ALL_ON, gray_p=0.0)
-GRAY_ON = dataclasses.replace(common.BYOL_VIEWS[1], gray_p=1.0, blur_p=0.5, solarize_p=0.5)  # later ops on subsets
+# later ops on subsets
+GRAY_ON = dataclasses.replace(common.BYOL_VIEWS[1], gray_p=1.0, blur_p=0.5, solarize_p=0.5)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("channels,height,width,out_size", [(3, 64, 64, 64), (3, 48, 48, 24), (5, 13, 29, 17)])
+@pytest.mark.parametrize("channels,height,width,out_size",
+                         [(3, 64, 64, 64), (3, 48, 48, 24), (5, 13, 29, 17)])
 def test_crop_resize_matches_grid_sample(interpolation, channels, height, width, out_size):
-    """The separable matmuls (CPU) against grid_sample, with values outside [0, 1] as in feature maps (DenseSiam)."""
+    """The separable matmuls (CPU) against grid_sample, with values outside [0, 1] as in feature
+    maps (DenseSiam)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(8, channels, height, width, generator=generator) * 3 - 1
-    boxes = common.sample_crop_boxes(8, height, width, (0.08, 1.0), (3 / 4, 4 / 3), generator, "cpu")
+    boxes = common.sample_crop_boxes(8, height, width, (0.08, 1.0), (3 / 4, 4 / 3), generator,
+                                     "cpu")
     boxes[0] = torch.tensor([0.0, 0.0, 1.0, 1.0])        # whole image
-    boxes[1] = torch.tensor([-0.2, -0.1, 1.3, 1.1])      # beyond the borders: taps clamped to the edge
+    boxes[1] = torch.tensor([-0.2, -0.1, 1.3, 1.1])      # beyond the borders: taps clamped
     boxes[2] = torch.tensor([0.9, 0.95, 0.93, 1.0])      # a few pixels, strongly enlarged
-    for flips in (torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool), torch.arange(8) % 3 == 0):
+    for flips in (torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool),
+                  torch.arange(8) % 3 == 0):
         expected = reference_crop_resize(images, boxes, flips, out_size, interpolation)
         out = common.crop_resize(images, boxes, flips, out_size, interpolation)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
@@ -336,14 +364,16 @@ def test_gaussian_blur_matches_torchvision(height, width, kernel_size):
     sigma = torch.tensor([0.03, 0.3, 0.7, 1.2, 2.5])
     expected = torch.stack([TF.gaussian_blur(image, [kernel_size] * 2, [value] * 2)
                             for image, value in zip(x, sigma.tolist())])
-    torch.testing.assert_close(common.gaussian_blur(x, sigma, kernel_size), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(common.gaussian_blur(x, sigma, kernel_size), expected,
+                               atol=1e-5, rtol=0)
 
 
 def test_adjust_hue_matches_colorsys():
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 6, 7, generator=generator)
-    for column, rgb in enumerate([(0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (1.0, 1.0, 0.2), (0.3, 0.9, 0.9),
-                                  (0.9, 0.3, 0.9), (1.0, 0.0, 0.0)]):  # gray, black, ties for the max, saturated
+    # gray, black, ties for the max, saturated
+    for column, rgb in enumerate([(0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (1.0, 1.0, 0.2),
+                                  (0.3, 0.9, 0.9), (0.9, 0.3, 0.9), (1.0, 0.0, 0.0)]):
         x[0, :, :, column] = torch.tensor(rgb).view(3, 1)
     shift = torch.tensor([-0.5, -0.13, 0.07, 0.5])
     expected = torch.empty_like(x)
@@ -357,10 +387,12 @@ def test_adjust_hue_matches_colorsys():
 
 
 @pytest.mark.parametrize("size", [24, 33])
-@pytest.mark.parametrize("recipe", [*common.BYOL_VIEWS, ALL_ON, JITTER_ON, GRAY_ON, common.GEOMETRY_ONLY],
+@pytest.mark.parametrize("recipe",
+                         [*common.BYOL_VIEWS, ALL_ON, JITTER_ON, GRAY_ON, common.GEOMETRY_ONLY],
                          ids=["byol1", "byol2", "all-on", "jitter-on", "gray-on", "all-off"])
 def test_color_augment_matches_per_sample_torchvision(recipe, size):
-    """Fused jitter passes and per-subset ops = torchvision's ops one sample at a time, same draws, same order."""
+    """Fused jitter passes and per-subset ops = torchvision's ops one sample at a time, same draws,
+    same order."""
     x = torch.rand(12, 3, size, size, generator=torch.Generator().manual_seed(size))
     before = x.clone()
     out = common.color_augment(x, recipe, torch.Generator().manual_seed(1))
@@ -373,15 +405,19 @@ def test_color_augment_matches_per_sample_torchvision(recipe, size):
 @pytest.mark.parametrize("recipe", common.BYOL_VIEWS, ids=["byol1", "byol2"])
 def test_augment_matches_reference_pipeline(recipe):
     """Same draws in the same order: boxes, flips, crop, colour, normalise."""
-    images = (torch.rand(16, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    seeded = torch.Generator().manual_seed(0)
+    images = (torch.rand(16, 3, 40, 40, generator=seeded) * 255).to(torch.uint8)
     views, boxes, flips = common.augment(images, recipe, 33, torch.Generator().manual_seed(2))
     generator = torch.Generator().manual_seed(2)
-    expected_boxes = common.sample_crop_boxes(16, 40, 40, recipe.crop_scale, recipe.crop_ratio, generator, "cpu")
+    expected_boxes = common.sample_crop_boxes(16, 40, 40, recipe.crop_scale, recipe.crop_ratio,
+                                              generator, "cpu")
     expected_flips = torch.rand(16, generator=generator) < recipe.flip_p
-    crops = reference_crop_resize(images.float() / 255, expected_boxes, expected_flips, 33, recipe.interpolation)
+    crops = reference_crop_resize(images.float() / 255, expected_boxes, expected_flips, 33,
+                                  recipe.interpolation)
     expected, ambiguous = reference_color_augment(crops, recipe, generator)
     assert torch.equal(boxes, expected_boxes) and torch.equal(flips, expected_flips)
-    torch.testing.assert_close(unnormalize(views)[~ambiguous], expected[~ambiguous], atol=1e-5, rtol=0)
+    torch.testing.assert_close(unnormalize(views)[~ambiguous], expected[~ambiguous],
+                               atol=1e-5, rtol=0)
 
 
 def test_augmentation_is_a_function_of_the_generator_seed():
@@ -392,18 +428,20 @@ def test_augmentation_is_a_function_of_the_generator_seed():
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
 
 
-# --- backbone, data, config, checkpoints ----------------------------------------------------------------------------
+# --- backbone, data, config, checkpoints ----------------------------------------------------------
 
 def test_trunk_stages_and_torchvision_names():
     import torchvision
 
     trunk = common.ResNetTrunk("resnet18")
     maps = trunk(torch.randn(2, 3, 64, 64))
-    assert [tuple(m.shape[1:]) for m in maps.values()] == [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    assert ([tuple(m.shape[1:]) for m in maps.values()]
+            == [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)])
     assert common.ResNetTrunk("resnet50").channels == dict(res2=256, res3=512, res4=1024, res5=2048)
     cifar = common.ResNetTrunk("resnet18", stem="cifar")(torch.randn(1, 3, 32, 32))
     assert cifar["res5"].shape[-1] == 4
-    missing = torchvision.models.resnet18().load_state_dict(trunk.state_dict(), strict=False).missing_keys
+    missing = torchvision.models.resnet18().load_state_dict(trunk.state_dict(),
+                                                            strict=False).missing_keys
     assert sorted(missing) == ["fc.bias", "fc.weight"]
 
 
@@ -438,9 +476,11 @@ def test_parse_config_precedence(tmp_path):
     presets = {"big": dict(batch_size=64, lr=1.0)}
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("lr: 2\nstages: [res3, res4]\n")
-    cfg = common.parse_config(_Cfg, presets, ["--preset", "big", "--config", str(yaml_file), "--name", "b", "--flag"])
+    cfg = common.parse_config(_Cfg, presets, ["--preset", "big", "--config", str(yaml_file),
+                                              "--name", "b", "--flag"])
     assert cfg == _Cfg(batch_size=64, lr=2.0, name="b", flag=True, stages=("res3", "res4"))
-    assert common.parse_config(_Cfg, presets, ["--stages", "res2,res5", "--no-flag"]).stages == ("res2", "res5")
+    flags = common.parse_config(_Cfg, presets, ["--stages", "res2,res5", "--no-flag"])
+    assert flags.stages == ("res2", "res5")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 3.0
     with pytest.raises(common.InputError, match="unknown preset"):
@@ -547,7 +587,8 @@ def test_bad_precision_is_one_clear_line(tmp_path, capsys):
 
 def test_atomic_checkpoint_and_clear_errors(tmp_path):
     path = tmp_path / "last.pt"
-    common.save_checkpoint(dict(model={"w": torch.ones(2)}, config={"arch": "resnet18"}, method="byol"), path)
+    common.save_checkpoint(dict(model={"w": torch.ones(2)}, config={"arch": "resnet18"},
+                                method="byol"), path)
     assert common.load_checkpoint(path, "byol")["model"]["w"].sum() == 2
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
     with pytest.raises(common.InputError, match="written by 'byol', not 'lewel'"):
@@ -559,16 +600,19 @@ def test_atomic_checkpoint_and_clear_errors(tmp_path):
         common.load_checkpoint(tmp_path / "missing.pt")
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_colour_ops_match_eager():
-    """--compile swaps in compiled jitter ops: same views as eager (the subsets change size: dynamic shapes)."""
+    """--compile swaps in compiled jitter ops: same views as eager (the subsets change size: dynamic
+    shapes)."""
     images = common.make_synthetic(24, 32, seed=5)[0]
     try:
         views = {}
         for compiled in (False, True):
             common.compile_colour_ops(compiled)
             views[compiled] = [common.augment(images[:n], common.BYOL_VIEWS[0], 32,
-                                              torch.Generator().manual_seed(n))[0] for n in (24, 17)]
+                                              torch.Generator().manual_seed(n))[0]
+                               for n in (24, 17)]
         for eager, fused in zip(views[False], views[True]):
             torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
     finally:

@@ -1,5 +1,6 @@
-"""Crash and resume (SIGKILL), SIGTERM checkpointing, non-finite loss, checkpoint mix-ups, bad input, and
-real torchrun launches: elastic restart, two nodes, pre-emption, kill mid-save, a hung rank."""
+"""Crash and resume (SIGKILL), SIGTERM checkpointing, non-finite loss, checkpoint mix-ups, bad
+input, and real torchrun launches: elastic restart, two nodes, pre-emption, kill mid-save, a hung
+rank."""
 
 import os
 import signal
@@ -14,14 +15,15 @@ import byol
 import eval_linear
 from ddp_runner import ROOT
 
-TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "64", "--proj-dim", "32",
-        "--epochs", "1", "--knn-every", "0", "--log-every", "1", "--device", "cpu"]
+TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "64",
+        "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1",
+        "--device", "cpu"]
 
 
 def start(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "byol.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "byol.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_step(path, step, process, timeout=120):
@@ -40,11 +42,13 @@ def wait_for_step(path, step, process, timeout=120):
 
 def weights(path):
     state = torch.load(path, weights_only=True)
-    return state["step"], {**state["model"], **{"target." + k: v for k, v in state["target"].items()}}
+    return state["step"], {**state["model"],
+                           **{"target." + k: v for k, v in state["target"].items()}}
 
 
 def test_sigkill_then_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
-    # every run in a subprocess with the same environment (thread count changes float summation order)
+    # every run in a subprocess with the same environment (thread count changes float summation
+    # order)
     straight = start(TINY + ["--out", str(tmp_path / "straight")])
     assert straight.wait(timeout=240) == 0, straight.communicate()
     crashed = tmp_path / "crashed"
@@ -64,7 +68,8 @@ def test_sigkill_then_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
-    process = start(TINY + ["--out", str(tmp_path), "--ckpt-every-steps", "1", "--synthetic-size", "400"])
+    process = start(TINY + ["--out", str(tmp_path), "--ckpt-every-steps", "1",
+                            "--synthetic-size", "400"])
     wait_for_step(tmp_path / "last.pt", 1, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -77,10 +82,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     byol.main(TINY + ["--out", str(tmp_path), "--stop-after", "2"])
     before = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        byol.main(TINY + ["--out", str(tmp_path), "--resume", "--base-lr", "inf", "--ckpt-every-steps", "1"])
+        byol.main(TINY + ["--out", str(tmp_path), "--resume", "--base-lr", "inf",
+                          "--ckpt-every-steps", "1"])
     assert exit_info.value.code == 3
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("error: non-finite") and "at step" in message and "last good checkpoint kept" in message
+    assert message.startswith("error: non-finite") and "at step" in message
+    assert "last good checkpoint kept" in message
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
@@ -105,7 +112,8 @@ def test_checkpoint_mix_ups_are_reported(tmp_path, capsys):
 
 
 def test_checkpoints_load_with_weights_only_and_no_eval_of_config_text():
-    sources = "".join(open(os.path.join(ROOT, name)).read() for name in os.listdir(ROOT) if name.endswith(".py"))
+    sources = "".join(open(os.path.join(ROOT, name)).read() for name in os.listdir(ROOT)
+                      if name.endswith(".py"))
     assert "weights_only=False" not in sources
     assert "yaml.load(" not in sources and "exec(" not in sources and " eval(" not in sources
 
@@ -135,8 +143,10 @@ def test_batch_not_divisible_by_world_size_and_unknown_stage(capsys):
 
     with pytest.raises(common.InputError, match="not divisible by the world size 3"):
         common.check_common_config(byol.Config(batch_size=128), world_size=3)
-    # one image per process: BatchNorm has no batch statistics to train on; 2 per process is the least that works
-    with pytest.raises(common.InputError, match=r"--batch-size 4 leaves 1 image per process .* use --batch-size 8"):
+    # one image per process: BatchNorm has no batch statistics to train on; 2 per process is the
+    # least that works
+    with pytest.raises(common.InputError,
+                       match=r"--batch-size 4 leaves 1 image per process .* use --batch-size 8"):
         common.check_common_config(byol.Config(batch_size=4), world_size=4)
     common.check_common_config(byol.Config(batch_size=8), world_size=4)
     with pytest.raises(SystemExit):
@@ -152,8 +162,8 @@ def test_images_smaller_than_the_crop_are_upscaled(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(4):
                 Image.new("RGB", (6, 5), (i * 60, 30, 90)).save(tmp_path / split / cls / f"{i}.png")
-    result = byol.main(TINY + ["--data", str(tmp_path), "--workers", "0", "--out", str(tmp_path / "out"),
-                               "--stop-after", "1"])
+    result = byol.main(TINY + ["--data", str(tmp_path), "--workers", "0",
+                               "--out", str(tmp_path / "out"), "--stop-after", "1"])
     assert result["step"] == 1
 
 
@@ -171,11 +181,11 @@ def test_elastic_restart_resumes_by_itself(tmp_path, monkeypatch):
     assert result["step"] == 8
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Real launches: `python -m torch.distributed.run` with 2 CPU processes (gloo, 1 thread each), tiny
 # runs of 6 steps, faults injected from outside (SIGKILL of a worker, SIGTERM to the launcher) or
 # by a driver script around the method's main().
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SMALL = ["--synthetic-size", "48", "--batch-size", "8", "--epochs", "1", "--knn-every", "0",
          "--log-every", "1", "--device", "cpu", "--ckpt-every-steps", "3"]
@@ -199,8 +209,9 @@ def torchrun(launch_args, script_args, log, extra_env=None):
 
 
 def finish(process, timeout):
-    """Exit code of a launch (None if it still runs after `timeout` s); then kill what is left of it,
-    so that no worker outlives the test (torchrun starts each worker in a session of its own)."""
+    """Exit code of a launch (None if it still runs after `timeout` s); then kill what is left of
+    it, so that no worker outlives the test (torchrun starts each worker in a session of its
+    own)."""
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,5 +1,5 @@
-"""The reproduction kit: unlabelled image folders, every paper preset, the README's reproduction table,
-and the COCO-Stuff-27 builder (cocostuff.py)."""
+"""The reproduction kit: unlabelled image folders, every paper preset, the README's reproduction
+table, and the COCO-Stuff-27 builder (cocostuff.py)."""
 
 import importlib
 import re
@@ -17,17 +17,17 @@ import common
 from ddp_runner import ROOT
 
 METHODS = ["byol", "ladder_byol", "dense_byol", "densesiam", "lewel", "mcl"]
-SMALL = ["--image-size", "16", "--hidden-dim", "64", "--proj-dim", "32", "--epochs", "1", "--log-every", "1",
-         "--workers", "0", "--device", "cpu"]
+SMALL = ["--image-size", "16", "--hidden-dim", "64", "--proj-dim", "32", "--epochs", "1",
+         "--log-every", "1", "--workers", "0", "--device", "cpu"]
 
 
-# ---- unlabelled image folders ------------------------------------------------------------------------------
+# ---- unlabelled image folders --------------------------------------------------------------------
 
 def _photo_folder(root):
     """8 images at several depths in mixed suffix case, plus files the loader must skip.
     Returns the images' paths (relative to root) in the order the loader lists them."""
-    images = ["IMG_1.JPG", "g.png", "2021/a.png", "2021/summer/b.PNG", "2021/summer/c.jpeg", "z/d.jpg",
-              "z/e.png", "z/deep/er/f.png"]
+    images = ["IMG_1.JPG", "g.png", "2021/a.png", "2021/summer/b.PNG", "2021/summer/c.jpeg",
+              "z/d.jpg", "z/e.png", "z/deep/er/f.png"]
     skipped = [".cache/h.png", "notes.txt", "2021/thumbs.db", "z/.hidden.png"]
     for index, name in enumerate(images + skipped):
         path = root / name
@@ -44,7 +44,8 @@ def test_unlabelled_folder_is_searched_at_any_depth(tmp_path):
     expected = _photo_folder(tmp_path / "photos")
     kind, dataset, labels = common.load_dataset(str(tmp_path / "photos"), 36, "train")
     assert kind == "folder" and labels is None
-    assert [str(Path(path).relative_to(tmp_path / "photos")) for path, _ in dataset.samples] == expected
+    assert [str(Path(path).relative_to(tmp_path / "photos"))
+            for path, _ in dataset.samples] == expected
     image, label = dataset[2]
     assert image.shape == (3, 36, 36) and image.dtype == torch.uint8 and label == -1
     with pytest.raises(common.InputError, match="no val split"):
@@ -61,9 +62,11 @@ def test_byol_trains_on_an_unlabelled_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert result["step"] == 1 and result["knn"] is None  # knn(0) ran and returned None
     assert "8 unlabelled images" in out and "kNN monitor off" in out
-    result = byol.main(args + ["--out", str(tmp_path / "on"), "--val-data", "synthetic", "--synthetic-size", "64"])
+    result = byol.main(args + ["--out", str(tmp_path / "on"), "--val-data", "synthetic",
+                               "--synthetic-size", "64"])
     out = capsys.readouterr().out
-    assert result["step"] == 2 and 0 <= result["knn"] <= 100  # 8 images / batch 4, kNN on the synthetic set
+    # 8 images / batch 4, kNN on the synthetic set
+    assert result["step"] == 2 and 0 <= result["knn"] <= 100
     assert "kNN monitor on --val-data synthetic" in out
 
 
@@ -91,13 +94,15 @@ def test_imagenet_layout_keeps_its_labels(tmp_path):
     assert [label for _, label in bank.dataset.samples] == [0, 0, 0, 1, 1, 1]
     assert [Path(path).parent.name for path, _ in val.dataset.samples] == ["cat"] * 3 + ["dog"] * 3
     images, labels = next(iter(val))
-    assert images.shape == (6, 3, 36, 36) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # 256/224 of 32 px
+    # 36 px: 256/224 of 32 px
+    assert images.shape == (6, 3, 36, 36) and labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-# ---- presets: every one parses and passes its method's checks; the new ones carry the papers' numbers ------
+# ---- presets: each parses and passes its method's checks; new ones carry the papers' numbers -----
 
 def parse_and_check(method, argv, world_size=8):
-    """A method's config from argv, put through the checks its main() runs (8 processes, the README's)."""
+    """A method's config from argv, put through the checks its main() runs (8 processes, the
+    README's)."""
     module = importlib.import_module(method)
     if method == "densesiam":
         cfg = module.parse_config(argv)  # --task seg puts the SEG values under the flags
@@ -117,31 +122,40 @@ def _all_presets():
 
 @pytest.mark.parametrize("method, task, preset", list(_all_presets()))
 def test_every_preset_parses_and_passes_the_checks(method, task, preset, tmp_path):
-    init = tmp_path / "resnet18_imagenet.pth"  # the seg presets start from supervised weights (Sec. 5.1)
+    # the seg presets start from supervised weights (Sec. 5.1)
+    init = tmp_path / "resnet18_imagenet.pth"
     init.write_bytes(b"")
-    cfg = parse_and_check(method, task + ["--preset", preset] + (["--init", str(init)] if task else []))
+    cfg = parse_and_check(method,
+                          task + ["--preset", preset] + (["--init", str(init)] if task else []))
     assert cfg.epochs > 0
 
 
 def _lr(cfg, batch=None):
-    """Peak lr at the preset's batch (or at `batch` images, same lr per image): base_lr * batch / 256."""
+    """Peak lr at the preset's batch (or at `batch` images, same lr per image):
+    base_lr * batch / 256."""
     return cfg.base_lr * (batch or cfg.batch_size) / 256
 
 
 def test_ladder_paper_presets():
-    # Sec. 4.1: LARS, batch 4096, lr 7.2, wd 1e-6, ResNet-50 at 224 px; Table 1: 100 / 200 / 400 epochs
-    for method, preset, epochs in [("byol", "imagenet-100ep", 100), ("byol", "imagenet-200ep", 200),
-                                   ("byol", "imagenet-400ep", 400), ("ladder_byol", "imagenet-400ep", 400),
+    # Sec. 4.1: LARS, batch 4096, lr 7.2, wd 1e-6, ResNet-50 at 224 px; Table 1: 100 / 200 / 400
+    # epochs
+    for method, preset, epochs in [("byol", "imagenet-100ep", 100),
+                                   ("byol", "imagenet-200ep", 200),
+                                   ("byol", "imagenet-400ep", 400),
+                                   ("ladder_byol", "imagenet-400ep", 400),
                                    ("ladder_byol", "imagenet-dense-all-100ep", 100)]:
         cfg = parse_and_check(method, ["--preset", preset])
-        assert (cfg.epochs, cfg.batch_size, cfg.weight_decay) == (epochs, 4096, 1e-6), (method, preset)
+        assert ((cfg.epochs, cfg.batch_size, cfg.weight_decay)
+                == (epochs, 4096, 1e-6)), (method, preset)
         assert _lr(cfg) == pytest.approx(7.2) and (cfg.arch, cfg.image_size) == ("resnet50", 224)
         assert cfg.predictor_lr_mult == 1.0
     ladder = importlib.import_module("ladder_byol")
     cfg = parse_and_check("ladder_byol", ["--preset", "imagenet-400ep"])
-    assert ladder.stage_weights(cfg) == {"res2": 1 / 16, "res3": 1 / 8, "res4": 1 / 4, "res5": 1.0}  # Sec. 4.1
+    # Sec. 4.1
+    assert ladder.stage_weights(cfg) == {"res2": 1 / 16, "res3": 1 / 8, "res4": 1 / 4, "res5": 1.0}
     assert cfg.dense_stages == ()
-    cfg = parse_and_check("ladder_byol", ["--preset", "imagenet-dense-all-100ep"])  # Table 5: D D D D
+    # Table 5: D D D D
+    cfg = parse_and_check("ladder_byol", ["--preset", "imagenet-dense-all-100ep"])
     assert cfg.dense_stages == ("res2", "res3", "res4", "res5")
 
 
@@ -151,36 +165,43 @@ def test_lewel_presets():
     assert (cfg.variant, cfg.epochs, cfg.tau_base, cfg.eman) == ("byol", 100, 0.98, True)
     assert _lr(cfg, 512) == pytest.approx(1.8)
     cfg = parse_and_check("lewel", ["--preset", "imagenet100"])
-    assert (cfg.variant, cfg.epochs, cfg.tau_base) == ("byol", 240, 0.98) and _lr(cfg, 512) == pytest.approx(3.6)
+    assert (cfg.variant, cfg.epochs, cfg.tau_base) == ("byol", 240, 0.98)
+    assert _lr(cfg, 512) == pytest.approx(3.6)
     # LEWEL_M: batch 256, lr 0.06, wd 1e-4, tau 0.2, key momentum 0.999, heads 2048/128
     for preset, epochs, lr in [("imagenet-moco-100ep", 100, 0.06), ("imagenet100-moco", 240, 0.12)]:
         cfg = parse_and_check("lewel", ["--preset", preset])
-        assert (cfg.variant, cfg.epochs, cfg.batch_size, cfg.weight_decay) == ("moco", epochs, 256, 1e-4)
+        assert ((cfg.variant, cfg.epochs, cfg.batch_size, cfg.weight_decay)
+                == ("moco", epochs, 256, 1e-4))
         assert _lr(cfg) == pytest.approx(lr) and (cfg.temperature, cfg.tau_base) == (0.2, 0.999)
         assert (cfg.hidden_dim, cfg.proj_dim, cfg.warmup_epochs) == (2048, 128, 0.0)
 
 
 def test_mcl_presets():
-    # Sec. 4.1: LARS, batch 4096, lr 1.0 * 4096 / 256, wd 1e-5, 10 warmup epochs, EMA 0.99; 530 epochs on COCO
+    # Sec. 4.1: LARS, batch 4096, lr 1.0 * 4096 / 256, wd 1e-5, 10 warmup epochs, EMA 0.99; 530
+    # epochs on COCO
     for preset, epochs in [("coco", 530), ("imagenet-200ep", 200), ("imagenet-400ep", 400)]:
         cfg = parse_and_check("mcl", ["--preset", preset])
-        assert (cfg.epochs, cfg.batch_size, cfg.weight_decay, cfg.warmup_epochs) == (epochs, 4096, 1e-5, 10.0)
+        assert ((cfg.epochs, cfg.batch_size, cfg.weight_decay, cfg.warmup_epochs)
+                == (epochs, 4096, 1e-5, 10.0))
         assert _lr(cfg) == pytest.approx(16.0) and cfg.tau_base == 0.99 and cfg.arch == "resnet50"
 
 
 def test_densesiam_coco_presets():
-    # Sec. 5.1: SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, 800 epochs on COCO, ResNet-50;
+    # Sec. 5.1: SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, 800 epochs on COCO,
+    # ResNet-50;
     # Sec. 3.4: heads 512 wide; Table 4: K = 7, lambda1 = 1, lambda2 = 0.1 from half of training
     expected = {"coco": (1.0, 0.1), "coco-pixsim": (1.0, 0.0), "coco-simsiam": (0.0, 0.0)}
     for preset, (dense_weight, region_weight) in expected.items():
         cfg = parse_and_check("densesiam", ["--preset", preset])
         assert (cfg.epochs, cfg.batch_size, cfg.weight_decay, cfg.momentum) == (800, 512, 1e-4, 0.9)
         assert _lr(cfg) == pytest.approx(0.1) and (cfg.arch, cfg.image_size) == ("resnet50", 224)
-        assert (cfg.dense_dim, cfg.dense_pred_hidden, cfg.region_dim, cfg.grid_size) == (512, 512, 512, 7)
-        assert (cfg.dense_weight, cfg.region_weight, cfg.region_start) == (dense_weight, region_weight, 0.5)
+        assert ((cfg.dense_dim, cfg.dense_pred_hidden, cfg.region_dim, cfg.grid_size)
+                == (512, 512, 512, 7))
+        assert ((cfg.dense_weight, cfg.region_weight, cfg.region_start)
+                == (dense_weight, region_weight, 0.5))
 
 
-# ---- the README's reproduction table -------------------------------------------------------------------------
+# ---- the README's reproduction table -------------------------------------------------------------
 
 def _readme_commands():
     text = (Path(ROOT) / "README.md").read_text()
@@ -199,45 +220,51 @@ def test_readme_table_commands_parse(tmp_path):
     init = tmp_path / "resnet18_imagenet.pth"
     init.write_bytes(b"")  # --init is checked for existence only
     for method, argv in commands:
-        argv = [str(init) if previous == "--init" else word for previous, word in zip([""] + argv, argv)]
+        argv = [str(init) if previous == "--init" else word
+                for previous, word in zip([""] + argv, argv)]
         parse_and_check(method, argv)
-    used = {(method, argv[argv.index("--preset") + 1]) for method, argv in commands if "--preset" in argv}
-    new_presets = {("byol", "imagenet-200ep"), ("byol", "imagenet-400ep"), ("ladder_byol", "imagenet-400ep"),
-                   ("ladder_byol", "imagenet-dense-all-100ep"), ("lewel", "imagenet-100ep"),
-                   ("lewel", "imagenet100"), ("lewel", "imagenet-moco-100ep"), ("lewel", "imagenet100-moco"),
+    used = {(method, argv[argv.index("--preset") + 1]) for method, argv in commands
+            if "--preset" in argv}
+    new_presets = {("byol", "imagenet-200ep"), ("byol", "imagenet-400ep"),
+                   ("ladder_byol", "imagenet-400ep"), ("ladder_byol", "imagenet-dense-all-100ep"),
+                   ("lewel", "imagenet-100ep"), ("lewel", "imagenet100"),
+                   ("lewel", "imagenet-moco-100ep"), ("lewel", "imagenet100-moco"),
                    ("mcl", "coco"), ("mcl", "imagenet-200ep"), ("mcl", "imagenet-400ep"),
-                   ("densesiam", "coco"), ("densesiam", "coco-pixsim"), ("densesiam", "coco-simsiam"),
-                   ("densesiam", "cocostuff27")}
+                   ("densesiam", "coco"), ("densesiam", "coco-pixsim"),
+                   ("densesiam", "coco-simsiam"), ("densesiam", "cocostuff27")}
     assert new_presets <= used, new_presets - used
 
 
-# ---- cocostuff.py: the COCO-Stuff-27 builder ----------------------------------------------------------------
+# ---- cocostuff.py: the COCO-Stuff-27 builder -----------------------------------------------------
 
-# Fine labels of COCO-Stuff used below (value in the stuffthingmaps PNGs): 0 person, 2 car, 90 hair brush,
-# 105 clouds, 123 grass, 156 sky-other, 168 tree, 170 wall-brick, 181 wood; 255 unlabelled.
-# Their coarse classes in IIC's order: person 9, vehicle 11, indoor 4, sky 23, plant 22, wall 18, solid 24.
+# Fine labels of COCO-Stuff used below (value in the stuffthingmaps PNGs): 0 person, 2 car,
+# 90 hair brush, 105 clouds, 123 grass, 156 sky-other, 168 tree, 170 wall-brick, 181 wood;
+# 255 unlabelled.
+# Their coarse classes in IIC's order: person 9, vehicle 11, indoor 4, sky 23, plant 22, wall 18,
+# solid 24.
 
 def _label_maps():
     """Hand-made fine label maps -> (kept or not, expected 27-class map or None)."""
     a = np.zeros((360, 360), np.uint8)
-    a[:288] = 156                                    # 80 % sky-other, 20 % person: kept
+    a[:288] = 156                               # 80 % sky-other, 20 % person: kept
     expected_a = np.full((360, 360), 9, np.uint8)
     expected_a[:288] = 23
     b = np.full((360, 360), 2, np.uint8)
-    b[:252] = 123                                    # 70 % grass, 30 % car: fewer than 75 % stuff pixels
-    c = np.full((400, 359), 168, np.uint8)           # all tree, but 359 px wide: smaller than 360
+    b[:252] = 123                               # 70 % grass, 30 % car: fewer than 75 % stuff pixels
+    c = np.full((400, 359), 168, np.uint8)      # all tree, but 359 px wide: smaller than 360
     d = np.full((360, 360), 255, np.uint8)
-    d[:270] = 170                                    # exactly 75 % wall-brick, the rest unlabelled: kept
+    d[:270] = 170                               # exactly 75 % wall-brick, the rest unlabelled: kept
     expected_d = np.full((360, 360), 255, np.uint8)
     expected_d[:270] = 18
-    e = np.full((360, 480), 105, np.uint8)           # clouds, with a strip of hair brush over wood
+    e = np.full((360, 480), 105, np.uint8)      # clouds, with a strip of hair brush over wood
     e[:180, 400:] = 90
-    e[180:, 400:] = 181                              # stuff: (400 * 360 + 80 * 180) / (360 * 480) = 92 %
+    e[180:, 400:] = 181                         # stuff: (400 * 360 + 80 * 180) / (360 * 480) = 92 %
     expected_e = np.full((360, 480), 23, np.uint8)
     expected_e[:180, 400:] = 4
     expected_e[180:, 400:] = 24
-    f = np.full((360, 360), 255, np.uint8)           # all unlabelled: 0 % stuff
-    return {"train2017": {"a": (a, expected_a), "b": (b, None), "c": (c, None), "d": (d, expected_d)},
+    f = np.full((360, 360), 255, np.uint8)      # all unlabelled: 0 % stuff
+    return {"train2017": {"a": (a, expected_a), "b": (b, None), "c": (c, None),
+                          "d": (d, expected_d)},
             "val2017": {"e": (e, expected_e), "f": (f, None)}}
 
 
@@ -248,16 +275,20 @@ def _fake_cocostuff(root):
         for name, (fine, _) in maps.items():
             Image.fromarray(fine).save(root / "labels" / split / f"{name}.png")
             height, width = fine.shape
-            Image.new("RGB", (width, height), (20, 120, 220)).save(root / "images" / split / f"{name}.jpg")
+            picture = Image.new("RGB", (width, height), (20, 120, 220))
+            picture.save(root / "images" / split / f"{name}.jpg")
 
 
 def test_fine_to_coarse_table():
     table = cocostuff.FINE_TO_COARSE
-    sizes = [6, 6, 10, 10, 8, 8, 8, 10, 6, 1, 10, 8, 2, 6, 4, 11, 4, 11, 7, 2, 6, 11, 9, 2, 6, 5, 5]  # IIC's table
+    # IIC's table
+    sizes = [6, 6, 10, 10, 8, 8, 8, 10, 6, 1, 10, 8, 2, 6, 4, 11, 4, 11, 7, 2, 6, 11, 9, 2, 6, 5, 5]
     assert [int((table[:182] == coarse).sum()) for coarse in range(27)] == sizes
     assert (table[:91] < 12).all() and (table[91:182] >= 12).all() and (table[182:] == 255).all()
-    spot = {0: 9, 2: 11, 90: 4, 100: 13, 105: 23, 123: 22, 129: 15, 156: 23, 168: 22, 170: 18, 181: 24}
-    assert {fine: int(table[fine]) for fine in spot} == spot  # carpet 100 -> floor, light 129 -> furniture
+    spot = {0: 9, 2: 11, 90: 4, 100: 13, 105: 23, 123: 22, 129: 15, 156: 23, 168: 22, 170: 18,
+            181: 24}
+    # carpet 100 -> floor, light 129 -> furniture
+    assert {fine: int(table[fine]) for fine in spot} == spot
 
 
 def test_cocostuff_builds_the_seg_folder(tmp_path, capsys):
@@ -272,14 +303,16 @@ def test_cocostuff_builds_the_seg_folder(tmp_path, capsys):
     for split, maps in _label_maps().items():
         short = {"train2017": "train", "val2017": "val"}[split]
         for name, (_, expected) in maps.items():
-            label, image = out / "labels" / short / f"{name}.png", out / "images" / short / f"{name}.jpg"
+            label = out / "labels" / short / f"{name}.png"
+            image = out / "images" / short / f"{name}.jpg"
             assert label.exists() == image.exists() == (expected is not None), name
             if expected is not None:
                 with Image.open(label) as saved:
                     assert saved.mode == "L" and np.array_equal(np.array(saved), expected), name
-                assert image.is_symlink() and image.resolve() == (tmp_path / "coco" / "images" / split /
-                                                                  f"{name}.jpg").resolve()
-    pairs = common.segmentation_pairs(out, "train", "cocostuff")  # what densesiam.py --task seg reads
+                source = tmp_path / "coco" / "images" / split / f"{name}.jpg"
+                assert image.is_symlink() and image.resolve() == source.resolve()
+    # what densesiam.py --task seg reads
+    pairs = common.segmentation_pairs(out, "train", "cocostuff")
     dataset = common.SegmentationPairs(pairs, 32)
     assert len(dataset) == 2
     image, label = dataset[0]
@@ -294,11 +327,14 @@ def test_cocostuff_builds_the_seg_folder(tmp_path, capsys):
 
 def test_cocostuff_with_picie_lists(tmp_path):
     _fake_cocostuff(tmp_path / "coco")
-    for split, names in (("train2017", ["b", "d"]), ("val2017", ["f"])):  # the lists win over the rule
+    # the lists win over the rule
+    for split, names in (("train2017", ["b", "d"]), ("val2017", ["f"])):
         (tmp_path / "curated" / split).mkdir(parents=True)
-        (tmp_path / "curated" / split / cocostuff.LIST_NAME).write_text("".join(f"{n}\n" for n in names))
-    kept = cocostuff.convert(tmp_path / "coco" / "images", tmp_path / "coco" / "labels", tmp_path / "out",
-                             curated=tmp_path / "curated", copy=True, workers=1, log=lambda line: None)
+        (tmp_path / "curated" / split / cocostuff.LIST_NAME).write_text(
+            "".join(f"{n}\n" for n in names))
+    kept = cocostuff.convert(tmp_path / "coco" / "images", tmp_path / "coco" / "labels",
+                             tmp_path / "out", curated=tmp_path / "curated", copy=True, workers=1,
+                             log=lambda line: None)
     assert kept == {"train": ["b", "d"], "val": ["f"]}
     expected_b = np.full((360, 360), 11, np.uint8)
     expected_b[:252] = 22
@@ -306,4 +342,5 @@ def test_cocostuff_with_picie_lists(tmp_path):
         assert np.array_equal(np.array(saved), expected_b)
     assert not (tmp_path / "out" / "images" / "train" / "b.jpg").is_symlink()  # --copy
     with pytest.raises(SystemExit):
-        cocostuff.main(["--images", "x", "--labels", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+        cocostuff.main(["--images", "x", "--labels", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "o")])
