@@ -101,8 +101,8 @@ class Config:
                                      # paper: 0.9 (B: 1.8 at 512), 0.06 (M: at 256)
     weight_decay: float = 1.5e-6     # LARS (B) or SGD (M) weight decay; paper: 1e-6 (B), 1e-4 (M)
                                      # (LARS: not on biases/BN; SGD: every parameter)
-    lars_form: str = "openselfsup"   # LARS update rule: openselfsup = official code | optax (BYOL)
-                                     # (openselfsup keeps the lr inside the momentum buffer)
+    lars_form: str = "openselfsup"   # LARS update rule: openselfsup = official code | optax (BYOL);
+                                     # openselfsup keeps the lr inside the momentum buffer
     warmup_epochs: float = 1.0       # linear lr warmup; released scripts (B): 10; MoCo v2 (M): none
     tau_base: float = 0.99           # B: target momentum, cosine to 1 (paper 0.98);
                                      # M: fixed key momentum (paper 0.999)

@@ -95,8 +95,8 @@ class Config:
     base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 1.0
     final_lr: float = 1e-4           # lr at the end of the cosine; official config: 1e-4 (absolute)
     weight_decay: float = 1e-5       # LARS weight decay (not on biases/BN); paper: 1e-5
-    lars_form: str = "openselfsup"   # LARS update rule: openselfsup = official code | optax (BYOL)
-                                     # (openselfsup keeps the lr inside the momentum buffer)
+    lars_form: str = "openselfsup"   # LARS update rule: openselfsup = official code | optax (BYOL);
+                                     # openselfsup keeps the lr inside the momentum buffer
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
     tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: 0.99
     # run
