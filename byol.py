@@ -44,30 +44,35 @@ from common import (InputError, augment, cosine_tau, ema_update, global_pool, lr
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """BYOL pretraining. Defaults are sized for a 2-core CPU on the built-in data; --preset imagenet is the paper."""
+    """BYOL pretraining. Defaults fit a 2-core CPU on the built-in data; --preset imagenet: paper."""
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
     image_size: int = 32             # px of each augmented view; paper: 224
-    load_size: int = 0               # px of the square the loader decodes to before cropping; 0 = image_size (folders: 256/224 of it)
+    load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
+                                     # (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
-    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched on the GPU
-    crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08 (too small a piece of a 32-px image)
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes them
+    crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08
+                                     # (too small a piece of a 32-px image)
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
     hidden_dim: int = 4096           # projector/predictor hidden width; paper: 4096
     proj_dim: int = 256              # projection width; paper: 256
-    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: cross-replica BN
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: yes
     # optimisation
-    epochs: int = 6                  # paper: 300 (1000 for the headline number); 6 keeps the CPU default run short
+    epochs: int = 6                  # paper: 300 (1000 for the headline number)
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
-    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.3 (300 ep), 0.2 (1000 ep), 0.45 (100 ep)
-    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1.5e-6 (1000 ep), 1e-6 otherwise
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256;
+                                     # paper: 0.3 (300 ep), 0.2 (1000 ep), 0.45 (100 ep)
+    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN);
+                                     # paper: 1.5e-6 (1000 ep), 1e-6 otherwise
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
-    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: 0.99 (300 ep), 0.996 (1000 ep)
-    predictor_lr_mult: float = 10.0  # predictor lr = this x the lr; paper: 1 (presets). NOTE in the docstring
+    tau_base: float = 0.99           # initial target momentum, cosine to 1;
+                                     # paper: 0.99 (300 ep), 0.996 (1000 ep)
+    predictor_lr_mult: float = 10.0  # predictor lr = this x the lr; paper: 1 (presets). See NOTE
     # run
     seed: int = 0
     out: str = "runs/byol"           # checkpoints, metrics.jsonl
@@ -76,12 +81,13 @@ class Config:
     log_every: int = 10              # steps between logged metrics (and host syncs)
     ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
-    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule still spans all epochs
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps;
+                                     # the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
                                      # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the online and target networks
-    show: bool = False               # write <out>/show.png: what the method does on one batch, then exit
+    show: bool = False               # write <out>/show.png (the method on one batch), then exit
 
 
 PRESETS = {

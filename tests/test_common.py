@@ -537,8 +537,14 @@ def test_byol_help_reads_the_config_comments(capsys):
     not by tokens) and its default."""
     import byol
 
-    line = next(line for line in open(byol.__file__) if line.startswith("    tau_base:"))
-    comment = line.split("#", 1)[1].strip()
+    lines = open(byol.__file__).read().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("    tau_base:"))
+    parts = [lines[first].split("#", 1)[1].strip()]
+    for line in lines[first + 1:]:  # comment-only lines indented past the field names continue it
+        if not line.lstrip().startswith("#") or not line.startswith("      "):
+            break
+        parts.append(line.split("#", 1)[1].strip())
+    comment = " ".join(parts)
     with pytest.raises(SystemExit):
         byol.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
