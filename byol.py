@@ -44,7 +44,7 @@ from common import (InputError, augment, cosine_tau, ema_update, global_pool, lr
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """BYOL pretraining. Defaults fit a 2-core CPU on the built-in data; --preset imagenet: paper."""
+    """BYOL pretraining. Defaults: a 2-core CPU on the built-in data. --preset imagenet: paper."""
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
