@@ -76,12 +76,11 @@ class Config:
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it;
                                      # seg: a quarter)
     image_size: int = 64             # px of each view; paper: 224. NOTE in the docstring
-    load_size: int = 0               # px the loader decodes to before cropping; 0 = image_size
+    load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it; seg: 2 x image_size)
     eval_size: int = 0               # seg: px the val set is scored at; 0 = image_size (paper: 320)
     workers: int = 8                 # DataLoader workers per process (folder data only)
-    gpu_decode: bool = False         # folder data: workers read JPEG bytes, decoding runs batched
-                                     # on the GPU
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes them
     num_classes: int = 6             # seg: N = head channels = classes of the data; paper: 27
     num_things: int = 3              # seg: classes 0..num_things-1 are things; COCO-Stuff-27: 12
     # model
@@ -125,14 +124,13 @@ class Config:
     log_every: int = 10              # steps between logged metrics (and host syncs)
     ckpt_every_steps: int = 0        # also write last.pt every N steps (0 = at epoch ends only)
     keep_every: int = 0              # keep a copy ckpt_<epoch>.pt every N epochs (0 = never)
-    stop_after: int = 0              # stop (with a checkpoint) after this many steps; the schedule
-                                     # still spans all epochs
+    stop_after: int = 0              # stop (with a checkpoint) after this many steps;
+                                     # the schedule still spans all epochs
     device: str = ""                 # "" = cuda if available else cpu
     precision: str = "auto"          # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
                                      # native bf16 (avx512_bf16/AMX), fp32 elsewhere
     compile: bool = False            # torch.compile the model
-    show: bool = False               # write <out>/show.png: what the method does on one batch,
-                                     # then exit
+    show: bool = False               # write <out>/show.png (the method on one batch), then exit
 
 
 # Paper Sec. 5.1: SimSiam recipe, SGD lr 0.05 * B / 256, batch 512, wd 1e-4, momentum 0.9, cosine;
