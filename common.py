@@ -1,7 +1,9 @@
-"""Shared toolbox for the method files (byol.py, ladder_byol.py, dense_byol.py, densesiam.py, lewel.py, mcl.py).
+"""Shared toolbox for the method files (byol.py, ladder_byol.py, dense_byol.py, densesiam.py,
+lewel.py, mcl.py).
 
-A toolbox, not a framework: plain functions and small classes, no base classes to inherit, no registry, no hooks.
-Each section below is one topic; a method file imports what it needs and writes its own heads, losses and loop.
+A toolbox, not a framework: plain functions and small classes, no base classes to inherit, no
+registry, no hooks. Each section below is one topic; a method file imports what it needs and writes
+its own heads, losses and loop.
 
 Sections: config | distributed and device | backbone, heads, losses (with dense matching)
           | augmentation | data | optimisation (LARS, schedules, EMA) | checkpoints
@@ -45,12 +47,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGES = ("res2", "res3", "res4", "res5")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config: one frozen dataclass per method file -> --flags, --preset NAME, --config file.yaml
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class InputError(Exception):
-    """A problem with what the user gave us (flags, data, checkpoint). main() turns it into one line and exit code 2."""
+    """A problem with what the user gave us (flags, data, checkpoint). main() turns it into one line
+    and exit code 2."""
 
 
 class TrainingError(Exception):
@@ -129,7 +132,8 @@ def _flag_text(value):
 
 
 def parse_config(config_cls, presets=None, argv=None):
-    """Build a frozen config: dataclass defaults < --preset NAME < --config file.yaml < explicit --flags.
+    """Build a frozen config: dataclass defaults < --preset NAME < --config file.yaml < explicit
+    --flags.
 
     Every field `batch_size` becomes `--batch-size`; booleans also accept `--no-flag`; tuples are
     comma lists. --help shows each field's comment (field_comments) and default. The returned
@@ -231,10 +235,10 @@ def check_common_config(cfg, world_size):
           f"--resume: checkpoint {Path(cfg.out) / 'last.pt'} does not exist")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Distributed and device: one launch path. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain
 # `python x.py` is world size 1. device_setup: bf16 or fp32 (--precision).
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Dist:
@@ -423,7 +427,8 @@ def barrier():
 
 
 def all_gather_nograd(tensor):
-    """Concatenate `tensor` from every rank along dim 0 (equal shapes on every rank); no gradient."""
+    """Concatenate `tensor` from every rank along dim 0 (equal shapes on every rank); no
+    gradient."""
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
@@ -452,17 +457,18 @@ def all_reduce_mean(tensor):
     return tensor
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Backbone, heads and losses shared by several methods
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class ResNetTrunk(nn.Module):
-    """torchvision ResNet returning the stage maps {"res2", "res3", "res4", "res5"} (no avgpool, no fc).
+    """torchvision ResNet returning the stage maps {"res2", ..., "res5"} (no avgpool, no fc).
 
     stem="imagenet": 7x7/2 conv + 3x3/2 max-pool (strides 4/8/16/32).
     stem="cifar":    3x3/1 conv, no max-pool (strides 1/2/4/8), the usual choice for 32-64 px images.
     Attribute names match torchvision (conv1, bn1, layer1..layer4), so `state_dict()` loads into
-    `torchvision.models.resnetXX()` with strict=False (only fc is missing; the cifar stem's conv1 is 3x3).
+    `torchvision.models.resnetXX()` with strict=False (only fc is missing; the cifar stem's conv1 is
+    3x3).
     """
 
     def __init__(self, arch="resnet18", stem="imagenet", zero_init_residual=False):
@@ -520,10 +526,11 @@ def conv_mlp(in_dim, hidden_dim=4096, out_dim=256):
 
 
 def regression_loss(p, z):
-    """BYOL loss, one direction: mean of 2 - 2 cos(p, sg(z)) over every dim but the channel dim 1. Range [0, 4].
+    """BYOL loss, one direction: mean of 2 - 2 cos(p, sg(z)) over every dim but the channel dim 1.
+    Range [0, 4].
 
-    Computed in float32 (normalise, then dot product) whatever the autocast dtype. The symmetric BYOL total is
-    regression_loss(p1, z2) + regression_loss(p2, z1), range [0, 8].
+    Computed in float32 (normalise, then dot product) whatever the autocast dtype. The symmetric
+    BYOL total is regression_loss(p1, z2) + regression_loss(p2, z1), range [0, 8].
     """
     p = F.normalize(p.float(), dim=1)
     z = F.normalize(z.detach().float(), dim=1)
@@ -578,9 +585,10 @@ def dense_regression_loss(prediction, target, query, key):
     return regression_loss(prediction.flatten(2), aligned)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Augmentation: per-sample parameters, batched on the model's device. uint8 in, normalised float out.
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Augmentation: per-sample parameters, batched on the model's device. uint8 in, normalised float
+# out.
+# --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ViewRecipe:
@@ -605,9 +613,11 @@ GEOMETRY_ONLY = ViewRecipe(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
 def sample_crop_boxes(batch, height, width, scale, ratio, generator, device, attempts=10):
-    """torchvision's RandomResizedCrop rule, vectorised: B boxes (x0, y0, x1, y1) in [0, 1] of the input image.
+    """torchvision's RandomResizedCrop rule, vectorised: B boxes (x0, y0, x1, y1) in [0, 1] of the
+    input image.
 
-    Up to `attempts` draws of (area, log-ratio) per sample; the first that fits wins; otherwise the whole image.
+    Up to `attempts` draws of (area, log-ratio) per sample; the first that fits wins; otherwise the
+    whole image.
     """
     area = height * width
     rand = torch.rand(batch, attempts, 4, generator=generator, device=device)
@@ -628,16 +638,18 @@ def sample_crop_boxes(batch, height, width, scale, ratio, generator, device, att
 
 
 def crop_resize(images, boxes, flips, out_size, interpolation="bilinear"):
-    """Resample each image's box to out_size x out_size, mirrored where flips is True. images: B x C x H x W float.
+    """Resample each image's box to out_size x out_size, mirrored where flips is True. images: B x C
+    x H x W float.
 
-    grid_sample's rules (align_corners=False, edge-based boxes, border padding; bicubic clamped to [0, 1]): output
-    column j samples x = x0 + (j + 0.5) / S * (x1 - x0) of the input, in [0, 1] coordinates of the whole image.
-    The map is axis-aligned, hence separable: view_b = rows_b @ image_b @ cols_b^T with per-sample S x H and S x W
-    interpolation matrices. On CPU two batched matmuls do it (~1.5x faster than grid_sample on one thread, 64 px).
+    grid_sample's rules (align_corners=False, edge-based boxes, border padding; bicubic clamped to
+    [0, 1]): output column j samples x = x0 + (j + 0.5) / S * (x1 - x0) of the input, in [0, 1]
+    coordinates of the whole image. The map is axis-aligned, hence separable: view_b = rows_b @
+    image_b @ cols_b^T with per-sample S x H and S x W interpolation matrices. On CPU two batched
+    matmuls do it (~1.5x faster than grid_sample on one thread, 64 px).
     NOTE: on CUDA we keep grid_sample: it is fast there, and device_setup turns on TF32 matmuls,
     which would round the pixels to 10-bit mantissas (errors up to ~1e-3 instead of ~1e-6).
-    NOTE: no anti-aliasing when a crop is shrunk (torchvision's PIL path anti-aliases). Crops are mostly enlarged
-    (scale < 1 of a load size close to the output size), where the two agree.
+    NOTE: no anti-aliasing when a crop is shrunk (torchvision's PIL path anti-aliases). Crops are
+    mostly enlarged (scale < 1 of a load size close to the output size), where the two agree.
     Geometry and sampling run in float32 (float64 for float64 input) with autocast off, on every
     device: a bf16 feature map cropped under autocast (DenseSiam's seg forward) would otherwise
     get a bf16 theta/grid or bf16 weights, up to ~0.4 cells off on an 80 x 80 map. The result
@@ -669,17 +681,18 @@ def crop_resize(images, boxes, flips, out_size, interpolation="bilinear"):
 
 
 def _resample_matrix(start, end, flips, in_size, out_size, interpolation):
-    """B x out_size x in_size matrices whose row j interpolates a length-in_size signal at the centre of output pixel j
-    of the segment [start, end] (B each, in [0, 1] units of the signal), in reverse order where flips is True.
+    """B x out_size x in_size matrices whose row j interpolates a length-in_size signal at the
+    centre of output pixel j of the segment [start, end] (B each, in [0, 1] units of the signal), in
+    reverse order where flips is True.
 
-    grid_sample along one axis: the coordinate arithmetic of affine_grid (normalised to [-1, 1]) and grid_sample
-    (align_corners=False), so the two agree to float rounding; taps outside the signal are clamped to its ends
-    (padding_mode="border"), so taps that land on the same end pixel add up.
+    grid_sample along one axis: the coordinate arithmetic of affine_grid (normalised to [-1, 1]) and
+    grid_sample (align_corners=False), so the two agree to float rounding; taps outside the signal
+    are clamped to its ends (padding_mode="border"), so taps that land on the same end pixel add up.
     """
     centres = torch.linspace(-1, 1, out_size, device=start.device, dtype=start.dtype) * (out_size - 1) / out_size
     sign = 1.0 - 2.0 * flips.to(start.dtype)
     normalised = (start + end - 1).view(-1, 1) + ((end - start) * sign).view(-1, 1) * centres  # B x out, in [-1, 1]
-    x = ((normalised + 1) * in_size - 1) / 2                                                    # in input pixels
+    x = ((normalised + 1) * in_size - 1) / 2                                       # in input pixels
     left = x.floor()
     t = x - left
     if interpolation == "bicubic":
@@ -687,7 +700,7 @@ def _resample_matrix(start, end, flips, in_size, out_size, interpolation):
     else:
         weights, first_tap = torch.stack([1 - t, t], dim=-1), 0
     offsets = torch.arange(first_tap, first_tap + weights.shape[-1], device=x.device)
-    taps = (left.long().unsqueeze(-1) + offsets).clamp_(0, in_size - 1)                        # B x out x taps
+    taps = (left.long().unsqueeze(-1) + offsets).clamp_(0, in_size - 1)             # B x out x taps
     matrix = torch.zeros(x.shape[0], out_size, in_size, device=x.device, dtype=x.dtype)
     for tap in range(taps.shape[-1]):  # one tap at a time: taps clamped onto the same pixel add up in a fixed order
         matrix.scatter_add_(2, taps[..., tap:tap + 1], weights[..., tap:tap + 1])
@@ -695,8 +708,8 @@ def _resample_matrix(start, end, flips, in_size, out_size, interpolation):
 
 
 def _cubic_weights(t, a=-0.75):
-    """Weights (t.shape x 4) of the taps at floor(x) - 1, ..., floor(x) + 2 for t = x - floor(x): Keys' cubic
-    convolution with a = -0.75, torch's bicubic kernel (grid_sample, interpolate)."""
+    """Weights (t.shape x 4) of the taps at floor(x) - 1, ..., floor(x) + 2 for t = x - floor(x):
+    Keys' cubic convolution with a = -0.75, torch's bicubic kernel (grid_sample, interpolate)."""
     near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1       # 0 <= d <= 1
     far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 <= d <= 2
     return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
@@ -743,15 +756,17 @@ def _gray(x):  # B x 3 x H x W -> B x 1 x H x W (luma weights of torchvision and
 
 
 def adjust_linear(x, scale, gray_weight, mean_weight):
-    """clamp(scale x + gray_weight gray(x) + mean_weight mean(gray(x)), 0, 1), each weight B (one per sample).
+    """clamp(scale x + gray_weight gray(x) + mean_weight mean(gray(x)), 0, 1), each weight B (one
+    per sample).
 
-    Brightness, contrast and saturation by a factor f are all of this form, with weights (f, 0, 0), (f, 0, 1 - f) and
-    (f, 1 - f, 0); (1, 0, 0) leaves an image in [0, 1] unchanged. So one pass can apply a different one to each sample.
+    Brightness, contrast and saturation by a factor f are all of this form, with weights (f, 0, 0),
+    (f, 0, 1 - f) and (f, 1 - f, 0); (1, 0, 0) leaves an image in [0, 1] unchanged. So one pass can
+    apply a different one to each sample.
     """
-    gray = _gray(x)                                                                        # B x 1 x H x W
-    mean = gray.mean(dim=(1, 2, 3), keepdim=True)                                          # B x 1 x 1 x 1
+    gray = _gray(x)                                                                  # B x 1 x H x W
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)                                    # B x 1 x 1 x 1
     shared = torch.addcmul(mean * mean_weight.view(-1, 1, 1, 1), gray, gray_weight.view(-1, 1, 1, 1))
-    return torch.addcmul(shared, x, scale.view(-1, 1, 1, 1)).clamp_(0, 1)                 # shared by R, G, B
+    return torch.addcmul(shared, x, scale.view(-1, 1, 1, 1)).clamp_(0, 1)        # shared by R, G, B
 
 
 def adjust_brightness(x, factor):   # factor: B
@@ -767,32 +782,36 @@ def adjust_saturation(x, factor):
 
 
 def adjust_hue(x, shift):
-    """Rotate each sample's hue by shift (B, in turns), keeping HSV saturation and value, as torchvision.
+    """Rotate each sample's hue by shift (B, in turns), keeping HSV saturation and value, as
+    torchvision.
 
-    RGB -> hue -> RGB in closed form, elementwise: with v = max(r, g, b) and delta = v - min(r, g, b), the hue in
-    sixths of a turn is (g - b) / delta, 2 + (b - r) / delta or 4 + (r - g) / delta where v is r, g or b (first
-    match). Back: channel n = 5, 3, 1 (R, G, B) is v - delta clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6, computed
-    as v - 2 delta + delta clamp(|k - 2|, 1, 2) (min(k, 4 - k) = 2 - |k - 2|): fewer passes over the images.
+    RGB -> hue -> RGB in closed form, elementwise: with v = max(r, g, b) and delta = v - min(r, g,
+    b), the hue in sixths of a turn is (g - b) / delta, 2 + (b - r) / delta or 4 + (r - g) / delta
+    where v is r, g or b (first match). Back: channel n = 5, 3, 1 (R, G, B) is v - delta
+    clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6, computed as v - 2 delta + delta clamp(|k - 2|,
+    1, 2) (min(k, 4 - k) = 2 - |k - 2|): fewer passes over the images.
     """
     r, g, b = x.unbind(dim=1)
     value = torch.maximum(torch.maximum(r, g), b)  # elementwise: faster than a reduction over the channel dim
     delta = value - torch.minimum(torch.minimum(r, g), b)
-    # hue x delta: 4 delta + r - g, replaced by 2 delta + b - r where v is g, then by g - b where v is r (x + m (y - x)
-    # with a 0/1 mask m: torch.where is several times slower on CPU)
+    # hue x delta: 4 delta + r - g, replaced by 2 delta + b - r where v is g, then by g - b where v
+    # is r (x + m (y - x) with a 0/1 mask m: torch.where is several times slower on CPU)
     hue = (r - g).add_(delta, alpha=4)
     hue.addcmul_((value == g).to(x.dtype), (b - r).add_(delta, alpha=2).sub_(hue))
     hue.addcmul_((value == r).to(x.dtype), (g - b).sub_(hue))
     hue.div_(delta.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1))  # where delta = 0 the hue is 0 and unused
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = hue.unsqueeze(1) + n                                           # B x 3 x H x W
-    k.sub_(k.div(6).floor_().mul_(6))                                  # mod 6 (faster than remainder_ on CPU)
+    k = hue.unsqueeze(1) + n                                 # B x 3 x H x W
+    k.sub_(k.div(6).floor_().mul_(6))                        # mod 6 (faster than remainder_ on CPU)
     return torch.addcmul((value - 2 * delta).unsqueeze(1), delta.unsqueeze(1), k.sub_(2).abs_().clamp_(1, 2))
 
 
 def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur with one sigma per sample (B,), reflect padding, as torchvision's GaussianBlur.
+    """Separable Gaussian blur with one sigma per sample (B,), reflect padding, as torchvision's
+    GaussianBlur.
 
-    NOTE: DeepMind BYOL pads with zeros ('SAME'); we reflect like torchvision to avoid darkened borders.
+    NOTE: DeepMind BYOL pads with zeros ('SAME'); we reflect like torchvision to avoid darkened
+    borders.
     """
     batch, channels, height, width = x.shape
     half = kernel_size // 2
@@ -817,12 +836,14 @@ _COMPILED_COLOUR_OPS = {}                                 # filled on the first 
 
 
 def compile_colour_ops(enabled=True):
-    """--compile: color_augment's jitter ops go through torch.compile, or back to eager with enabled=False.
+    """--compile: color_augment's jitter ops go through torch.compile, or back to eager with
+    enabled=False.
 
-    Each op is a chain of ~10 elementwise passes over the images in eager mode; compiled, it is one fused loop (on CPU
-    adjust_hue at 256 x 64 px: 19 ms eager, 4 ms compiled; outputs agree to 1e-7). dynamic=True: the subsets that
-    draw an op change size every step, so one compiled kernel serves every size. Compiling takes ~20 s once and
-    needs a C++ compiler on CPU (Triton on CUDA), hence opt-in, like the model's --compile.
+    Each op is a chain of ~10 elementwise passes over the images in eager mode; compiled, it is one
+    fused loop (on CPU adjust_hue at 256 x 64 px: 19 ms eager, 4 ms compiled; outputs agree to
+    1e-7). dynamic=True: the subsets that draw an op change size every step, so one compiled kernel
+    serves every size. Compiling takes ~20 s once and needs a C++ compiler on CPU (Triton on CUDA),
+    hence opt-in, like the model's --compile.
     """
     if enabled and not _COMPILED_COLOUR_OPS:
         _COMPILED_COLOUR_OPS.update(linear=torch.compile(adjust_linear, dynamic=True),
@@ -835,12 +856,13 @@ def solarize(x):
 
 
 def _apply_subset(x, mask, fn, *per_sample):
-    """x[mask] = fn(x[mask], *per_sample[mask]) without touching the other samples; returns the result.
+    """x[mask] = fn(x[mask], *per_sample[mask]) without touching the other samples; returns the
+    result.
 
-    On CUDA the op runs on the whole batch and a per-sample select keeps it where mask is True: more arithmetic, but
-    no host synchronisation (indexing by a mask needs the count of True on the host). On CPU, only the chosen samples
-    are computed (fn on x itself when all are chosen) and written back into x in place, so x must be a tensor the
-    caller may overwrite.
+    On CUDA the op runs on the whole batch and a per-sample select keeps it where mask is True: more
+    arithmetic, but no host synchronisation (indexing by a mask needs the count of True on the
+    host). On CPU, only the chosen samples are computed (fn on x itself when all are chosen) and
+    written back into x in place, so x must be a tensor the caller may overwrite.
     """
     if x.is_cuda:
         return torch.where(mask.view(-1, 1, 1, 1), fn(x, *per_sample), x)
@@ -854,12 +876,13 @@ def _apply_subset(x, mask, fn, *per_sample):
 
 
 def color_augment(x, recipe, generator):
-    """Colour jitter (random order per sample), grayscale, blur, solarize. x: B x 3 x S x S float in [0, 1].
+    """Colour jitter (random order per sample), grayscale, blur, solarize. x: B x 3 x S x S float in
+    [0, 1].
 
-    Returns a new tensor (x is not modified). The jitter applies brightness, contrast, saturation and hue in a random
-    order per sample; the first three are adjust_linear, so each of the four positions is one adjust_linear pass over
-    the batch (each sample with its op's weights; identity for hue or no jitter) and then adjust_hue on the samples
-    whose op at that position is hue.
+    Returns a new tensor (x is not modified). The jitter applies brightness, contrast, saturation
+    and hue in a random order per sample; the first three are adjust_linear, so each of the four
+    positions is one adjust_linear pass over the batch (each sample with its op's weights; identity
+    for hue or no jitter) and then adjust_hue on the samples whose op at that position is hue.
     """
     batch, device = x.shape[0], x.device
     u = torch.rand(batch, 12, generator=generator, device=device)
@@ -869,7 +892,8 @@ def color_augment(x, recipe, generator):
     jitter_on = u[:, 4] < recipe.jitter_p
     order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)  # per-sample op order
     if recipe.jitter_p > 0:
-        # adjust_linear's weights (scale, gray, mean) of each sample's brightness, contrast, saturation and hue/no-op
+        # adjust_linear's weights (scale, gray, mean) of each sample's brightness, contrast,
+        # saturation and hue/no-op
         one, zero = torch.ones_like(brightness), torch.zeros_like(brightness)
         weights = torch.stack([torch.stack([brightness, contrast, saturation, one], dim=1),
                                torch.stack([zero, zero, 1 - saturation, zero], dim=1),
@@ -913,7 +937,8 @@ def augment(images, recipe, out_size, generator=None):
 
 
 def eval_transform(images, out_size):
-    """uint8 B x 3 x H x W -> normalised float, resized to out_size when needed (centre view for kNN/eval)."""
+    """uint8 B x 3 x H x W -> normalised float, resized to out_size when needed (centre view for
+    kNN/eval)."""
     x = images.float().div_(255)
     if x.shape[-1] != out_size or x.shape[-2] != out_size:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
@@ -921,16 +946,17 @@ def eval_transform(images, out_size):
 
 
 def step_generator(device, seed, rank, step):
-    """A fresh generator per (seed, rank, step): augmentation draws depend only on these, so resume is exact."""
+    """A fresh generator per (seed, rank, step): augmentation draws depend only on these, so resume
+    is exact."""
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63))
     return generator
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data: built-in synthetic scenes, CIFAR-10, ImageNet-layout and unlabelled image folders.
 # Batches reach the device as uint8.
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SYNTHETIC_PARTS = ("background", "bar", "disc")  # classes of make_synthetic's masks (with_masks)
 
@@ -958,20 +984,22 @@ def _scene(size, generator):
 
 
 def make_synthetic(num_images, image_size=64, seed=0, num_classes=10, with_masks=False):
-    """Built-in labelled dataset: 10 "scenes" (the classes), each image a random snapshot of its class's scene.
+    """Built-in labelled dataset: 10 "scenes" (the classes), each image a random snapshot of its
+    class's scene.
 
-    Each class is one fixed prototype canvas (2x the image side: a background colour with 8 coloured discs and
-    bars). An image is a random crop of it (area 20-100 %, aspect 3/4-4/3, random flip) resized to image_size, with
-    random brightness, contrast and saturation (factors 0.5-1.5) and pixel noise. So the variation within a class
-    is the kind of variation the SSL augmentations produce, which is what SSL pretraining learns to ignore.
-    Deterministic from `seed`. kNN top-1 of the frozen random-init ResNet-18 (ImageNet stem, 32 px): 66.4 % (val =
-    the 512 images after the 2,560 training ones); the default `python byol.py` run lifts it to 73.8 % (README).
-    NOTE: an earlier version drew one of 10 shapes on randomly coloured backgrounds (random-init kNN 14 %); 120 to
-    480 BYOL steps never lifted its kNN above random init, as every instance cue there (colour) is label-free.
-    Returns (images N x 3 x S x S uint8, labels N int64); with_masks=True adds per-pixel labels
-    N x S x S int64 (SYNTHETIC_PARTS: 0 background, 1 bar, 2 disc), cut from each scene's part map
-    with the image's own crop and flip. The images are the same with or without them (the masks
-    take no random draws).
+    Each class is one fixed prototype canvas (2x the image side: a background colour with 8 coloured
+    discs and bars). An image is a random crop of it (area 20-100 %, aspect 3/4-4/3, random flip)
+    resized to image_size, with random brightness, contrast and saturation (factors 0.5-1.5) and
+    pixel noise. So the variation within a class is the kind of variation the SSL augmentations
+    produce, which is what SSL pretraining learns to ignore. Deterministic from `seed`. kNN top-1 of
+    the frozen random-init ResNet-18 (ImageNet stem, 32 px): 66.4 % (val = the 512 images after the
+    2,560 training ones); the default `python byol.py` run lifts it to 73.8 % (README).
+    NOTE: an earlier version drew one of 10 shapes on randomly coloured backgrounds (random-init kNN
+    14 %); 120 to 480 BYOL steps never lifted its kNN above random init, as every instance cue there
+    (colour) is label-free. Returns (images N x 3 x S x S uint8, labels N int64); with_masks=True
+    adds per-pixel labels N x S x S int64 (SYNTHETIC_PARTS: 0 background, 1 bar, 2 disc), cut from
+    each scene's part map with the image's own crop and flip. The images are the same with or
+    without them (the masks take no random draws).
     """
     generator = torch.Generator().manual_seed(seed)
     scenes, parts = zip(*(_scene(2 * image_size, generator) for _ in range(num_classes)))
@@ -996,10 +1024,11 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10, with_masks
 
 
 class TensorLoader:
-    """Iterate a dataset held as one uint8 tensor (on the device) in per-rank batches of a seeded permutation.
+    """Iterate a dataset held as one uint8 tensor (on the device) in per-rank batches of a seeded
+    permutation.
 
-    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches; `start_batch` skips
-    batches already done in a partly finished epoch.
+    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches;
+    `start_batch` skips batches already done in a partly finished epoch.
     """
 
     def __init__(self, images, labels, batch_per_rank, rank, world_size, seed, shuffle=True, drop_last=True):
@@ -1059,7 +1088,8 @@ class _ImageFolderSquares(torch.utils.data.Dataset):
 
 
 def resize_square(image, size):
-    """uint8 C x H x W -> C x size x size: shorter side to `size` (antialiased), then the centre square."""
+    """uint8 C x H x W -> C x size x size: shorter side to `size` (antialiased), then the centre
+    square."""
     return TF.center_crop(TF.resize(image, size, antialias=True), size)
 
 
@@ -1068,10 +1098,11 @@ def _collate_raw(batch):
 
 
 class FolderLoader:
-    """DataLoader over an ImageFolder with the same interface as TensorLoader (set_epoch, len, uint8 batches).
+    """DataLoader over an ImageFolder with the same interface as TensorLoader (set_epoch, len, uint8
+    batches).
 
-    decode_on_device=True: workers only read file bytes; JPEGs are decoded in one batched call on the device
-    (torchvision.io.decode_jpeg(device='cuda') uses the GPU's decoder) and resized there.
+    decode_on_device=True: workers only read file bytes; JPEGs are decoded in one batched call on
+    the device (torchvision.io.decode_jpeg(device='cuda') uses the GPU's decoder) and resized there.
     Any map-style dataset of (image, label) items works too (e.g. SegmentationPairs: no `raw`).
     """
 
@@ -1168,10 +1199,10 @@ def _folder_split(root, split):
 def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False):
     """Return ('tensor', images uint8 N x 3 x S x S, labels) or ('folder', Dataset, None).
 
-    data: "synthetic" (built-in, generated in memory), "cifar10" (torchvision; downloads when the network allows;
-    set SSL_DATA_ROOT for its cache), a folder in ImageNet layout (train/ and val/ class folders),
-    or any other folder: its .jpg/.jpeg/.png files at any depth, unlabelled (label -1; split
-    "train" only).
+    data: "synthetic" (built-in, generated in memory), "cifar10" (torchvision; downloads when the
+    network allows; set SSL_DATA_ROOT for its cache), a folder in ImageNet layout (train/ and val/
+    class folders), or any other folder: its .jpg/.jpeg/.png files at any depth, unlabelled (label
+    -1; split "train" only).
     """
     if data == "synthetic":
         n_train = synthetic_size
@@ -1215,9 +1246,11 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
 
 def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, shuffle=True, drop_last=True,
                 synthetic_size=2560, load_size=None, decode_on_device=False):
-    """Loader yielding (images uint8 B x 3 x L x L on the device, labels). Small datasets live on the device.
+    """Loader yielding (images uint8 B x 3 x L x L on the device, labels). Small datasets live on
+    the device.
 
-    decode_on_device: for folders of JPEGs, decode on the device (GPU decoder on CUDA) instead of in the workers.
+    decode_on_device: for folders of JPEGs, decode on the device (GPU decoder on CUDA) instead of in
+    the workers.
     """
     kind, dataset, labels = load_dataset(data, load_size or image_size, split, synthetic_size, raw=decode_on_device)
     if kind == "tensor":
@@ -1271,16 +1304,17 @@ def make_loaders(cfg, dist, eval_batch=256):
     return train, bank, val
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Optimisation: LARS, schedules, EMA
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def lars_param_groups(model, weight_decay, lr_mults=None):
     """Weights (weight decay + LARS adaptation) and biases/norm parameters (neither), as in BYOL.
 
-    lr_mults: optional {module name: factor}; parameters inside a module of that name (a component of the dotted
-    parameter name, e.g. "predictor" matches "heads.res2.predictor.0.weight") go to their own pair of groups whose
-    "lr_mult" is that factor (the train loop sets group lr = lr * lr_mult). Every group has an "lr_mult" (1 by default).
+    lr_mults: optional {module name: factor}; parameters inside a module of that name (a component
+    of the dotted parameter name, e.g. "predictor" matches "heads.res2.predictor.0.weight") go to
+    their own pair of groups whose "lr_mult" is that factor (the train loop sets group lr = lr *
+    lr_mult). Every group has an "lr_mult" (1 by default).
     """
     lr_mults = lr_mults or {}
     groups = {}
@@ -1297,7 +1331,8 @@ def lars_param_groups(model, weight_decay, lr_mults=None):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) with foreach kernels (no per-parameter Python math), in one of two published forms.
+    """LARS (You et al. 2017) with foreach kernels (no per-parameter Python math), in one of two
+    published forms.
 
     form="optax" (DeepMind BYOL; the default):
         lars=True groups:   u = g + wd * w;  u *= trust * ||w|| / ||u||   (when both norms are > 0)
@@ -1305,11 +1340,13 @@ class LARS(torch.optim.Optimizer):
     form="openselfsup" (OpenSelfSup-derived code: the official LEWEL and MCL):
         lars=True groups:   u = (g + wd * w) * trust * ||w|| / (||g|| + wd * ||w||)
         m = momentum * m + lr * u;  w -= m                                  (lr inside the buffer)
-    lars=False groups (biases and BatchNorm parameters): u = g, no weight decay, no adaptation, in both forms.
-    The two forms agree at a constant lr (and tiny wd); they differ while the lr changes (warmup, cosine), because
-    the buffer holds past updates scaled by the lr at which they were made in the second form only.
-    NOTE: the OpenSelfSup form has no guard for a zero norm; we keep the optax guard (ratio 1) in both.
-    Use lars_param_groups(model, wd) to build the groups (1-D parameters are excluded, as BYOL excludes biases and BN).
+    lars=False groups (biases and BatchNorm parameters): u = g, no weight decay, no adaptation, in
+    both forms. The two forms agree at a constant lr (and tiny wd); they differ while the lr changes
+    (warmup, cosine), because the buffer holds past updates scaled by the lr at which they were made
+    in the second form only.
+    NOTE: the OpenSelfSup form has no guard for a zero norm; we keep the optax guard (ratio 1) in
+    both. Use lars_param_groups(model, wd) to build the groups (1-D parameters are excluded, as BYOL
+    excludes biases and BN).
     """
 
     FORMS = ("optax", "openselfsup")
@@ -1357,7 +1394,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, final_lr=0.0):
-    """Linear warmup from 0 over warmup_steps, then cosine decay from peak_lr to final_lr at total_steps."""
+    """Linear warmup from 0 over warmup_steps, then cosine decay from peak_lr to final_lr at
+    total_steps."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -1365,15 +1403,17 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, final_lr=0.0):
 
 
 def cosine_tau(step, total_steps, tau_base):
-    """BYOL target momentum: tau(k) = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base to 1."""
+    """BYOL target momentum: tau(k) = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base to
+    1."""
     return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
 def ema_pairs(target, online, buffers=False):
-    """Match target tensors to online tensors by name (the target may hold a subset of the online modules).
+    """Match target tensors to online tensors by name (the target may hold a subset of the online
+    modules).
 
-    buffers=True also averages floating-point buffers (BN running stats, as EMAN does); integer buffers such as
-    num_batches_tracked are returned separately to be copied.
+    buffers=True also averages floating-point buffers (BN running stats, as EMAN does); integer
+    buffers such as num_batches_tracked are returned separately to be copied.
     """
     online_params = dict(online.named_parameters())
     target_list, online_list = [], []
@@ -1402,7 +1442,8 @@ def ema_update(pairs, tau):
 
 
 def make_target(online_modules):
-    """Deep copy of the online modules (a dict name -> module) as the target network: no gradients."""
+    """Deep copy of the online modules (a dict name -> module) as the target network: no
+    gradients."""
     import copy
 
     target = nn.ModuleDict({name: copy.deepcopy(module) for name, module in online_modules.items()})
@@ -1411,14 +1452,16 @@ def make_target(online_modules):
     return target
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, weights_only loads
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def save_checkpoint(state, path):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half-written `path`.
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a
+    half-written `path`.
 
-    A training state whose weights are no longer finite is refused (TrainingError), so last.pt stays the last good one.
+    A training state whose weights are no longer finite is refused (TrainingError), so last.pt stays
+    the last good one.
     """
     path = Path(path)
     weights = [value for value in state.get("model", {}).values() if torch.is_tensor(value) and value.is_floating_point()]
@@ -1442,7 +1485,8 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, method=None):
-    """Load a checkpoint with weights_only=True; clear InputError when missing, truncated or from another method."""
+    """Load a checkpoint with weights_only=True; clear InputError when missing, truncated or from
+    another method."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
@@ -1459,8 +1503,9 @@ def load_checkpoint(path, method=None):
 
 
 def should_resume(cfg):
-    """--resume, or an elastic restart: torchrun --max-restarts sets TORCHELASTIC_RESTART_COUNT > 0 when it restarts
-    the workers, and then the run continues from <out>/last.pt if one was written (otherwise it starts over)."""
+    """--resume, or an elastic restart: torchrun --max-restarts sets TORCHELASTIC_RESTART_COUNT > 0
+    when it restarts the workers, and then the run continues from <out>/last.pt if one was written
+    (otherwise it starts over)."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     return cfg.resume or (restarted and (Path(cfg.out) / "last.pt").is_file())
 
@@ -1498,7 +1543,8 @@ def prepare_output_dir(path):
 
 
 class StopSignal:
-    """Remember SIGTERM/SIGINT so the loop can save a checkpoint at a step boundary and exit 128 + signal number."""
+    """Remember SIGTERM/SIGINT so the loop can save a checkpoint at a step boundary and exit 128 +
+    signal number."""
 
     def __init__(self):
         self.received, self.first_signal_at = None, None
@@ -1518,7 +1564,8 @@ class StopSignal:
         # and torchrun then passes its own copy on to the workers.
 
     def agreed(self):
-        """True on every rank when any rank got a signal (ranks must stop at the same step or DDP hangs)."""
+        """True on every rank when any rank got a signal (ranks must stop at the same step or DDP
+        hangs)."""
         flag = torch.tensor([1.0 if self.received else 0.0], device=_DIST.device)
         if torch_dist.is_initialized():
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
@@ -1533,10 +1580,11 @@ class StopSignal:
 
 
 def check_finite(step, terms, checkpoint):
-    """Average the loss terms over ranks, read them on the host, stop training if any is NaN or infinite.
+    """Average the loss terms over ranks, read them on the host, stop training if any is NaN or
+    infinite.
 
-    Returns {name: float}. Called every log_every steps and before every checkpoint, so a checkpoint never holds
-    weights produced by a non-finite loss.
+    Returns {name: float}. Called every log_every steps and before every checkpoint, so a checkpoint
+    never holds weights produced by a non-finite loss.
     """
     names = list(terms)
     values = all_reduce_mean(torch.stack([terms[name].detach().float() for name in names])).tolist()
@@ -1546,9 +1594,9 @@ def check_finite(step, terms, checkpoint):
     return dict(zip(names, values))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Logging and timing: tqdm on rank 0, JSON lines, resolved config, images/s and data wait
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class MetricsLog:
     """Append one JSON object per line to `path` (rank 0 only)."""
@@ -1613,10 +1661,10 @@ def timed(loader, timer):
         yield batch
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # kNN monitor and feature extraction (weighted kNN, k=200, T=0.1, cosine; Wu et al. 2018
 # "Unsupervised feature learning via non-parametric instance discrimination", Sec. 3.4)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=None, memory_format=None,
@@ -1643,7 +1691,8 @@ def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=
 
 @torch.no_grad()
 def knn_predict(bank, bank_labels, queries, k=200, temperature=0.1, num_classes=None, chunk=1024):
-    """Weighted kNN (InstDisc rule): top-k cosine neighbours vote with weight exp(sim / T). Returns (pred, scores)."""
+    """Weighted kNN (InstDisc rule): top-k cosine neighbours vote with weight exp(sim / T). Returns
+    (pred, scores)."""
     num_classes = num_classes or int(bank_labels.max()) + 1
     k = min(k, bank.shape[0])
     bank = F.normalize(bank, dim=1)
@@ -1672,11 +1721,11 @@ def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=N
     return knn_accuracy(bank, bank_labels, queries, query_labels)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Dense labels and mIoU: per-pixel label maps (built-in masks and segmentation scenes, Pascal VOC,
 # image/mask folders) and confusion-matrix scores, Hungarian-matched for an unsupervised segmenter:
 # for eval_linear.py --dense and densesiam.py --task seg
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 IGNORE_LABEL = 255  # no loss or score counts it (VOC's object borders, COCO-Stuff's unlabelled)
 VOC_CLASS_NAMES = (  # Pascal VOC's label ids 0-20, in the devkit's order
@@ -2019,12 +2068,12 @@ def matched_segmentation_iou(confusion, thing_classes=()):
     return scores
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pictures: `python <method>.py --show` writes <out>/show.png, what the method does on one batch.
 # The method file's show() picks what to draw; these helpers draw it (torchvision.utils on uint8
 # 3 x H x W pictures, no matplotlib). Points and boxes are in augment's coordinates: (x, y) in
 # [0, 1] of a picture, edge-based (0 and 1 are its outer edges).
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 PANEL = 128  # px of every panel: inputs are enlarged (nearest), so boxes and labels stay readable
 COLOURS = ("yellow", "cyan", "magenta", "lime", "orange", "white", "red", "blueviolet")

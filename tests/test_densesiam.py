@@ -16,12 +16,12 @@ import densesiam
 from ddp_runner import ROOT
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # D1-D5: values from running the released seg-mode functions (ZwwWayne/DenseSiam @ 99f8ce1:
 # densesiam/models/architectures/densesiam.py; ReplayRandomResizedCrop in
 # densesiam/datasets/pipelines/index_transforms.py). D6: this repo's PixSim grid (Sec. 3.2),
 # a hand-checked case.
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_d1_ce_similarity():
     torch.manual_seed(0)
     p1, z2 = torch.randn(2, 27, 5, 5), torch.randn(2, 27, 5, 5)
@@ -46,14 +46,16 @@ def test_d4_region_term_by_hand():
     batch, regions, channels, dim = 2, 4, 5, 3
     logits1, logits2 = torch.randn(batch, regions, 3, 3), torch.randn(batch, regions, 3, 3)
     feats1, feats2 = torch.randn(batch, channels, 3, 3), torch.randn(batch, channels, 3, 3)
-    # Eq. 4 by hand: e[b, n] = sum over pixels of softmax_n(logits)[b, :, pixel] * feats[b, :, pixel]
+    # Eq. 4 by hand: e[b, n] = sum over pixels of softmax_n(logits)[b, :, pixel] * feats[b, :,
+    # pixel]
     e1 = densesiam.region_embeddings(logits1, feats1)
     masks = torch.softmax(logits1, dim=1)
     for b in range(batch):
         for n in range(regions):
             by_hand = sum(masks[b, n, i, j] * feats1[b, :, i, j] for i in range(3) for j in range(3))
             assert torch.allclose(e1[b, n], by_hand, atol=1e-5)
-    # identity projector, no predictor (u = v = e): InfoNCE over the N x N region similarities, T = 0.1, weight 0.1
+    # identity projector, no predictor (u = v = e): InfoNCE over the N x N region similarities, T =
+    # 0.1, weight 0.1
     e2 = densesiam.region_embeddings(logits2, feats2)
     loss = 0.1 * densesiam.regionsim_loss(e1, e1, e2, e2, temperature=0.1)
 
@@ -75,11 +77,13 @@ def test_d5_replay_crop():
 
     assert crop(0.75, 0.3, 0.6, 640) == (480, 48, 96)
     assert crop(0.75, 0.3, 0.6, 80) == (60, 6, 12)
-    # the released code rounds at each resolution separately: image and feature crops disagree for s = 0.77 ...
+    # the released code rounds at each resolution separately: image and feature crops disagree for s
+    # = 0.77 ...
     assert crop(0.77, 0.3, 0.6, 640) == (492, 44, 89)
     assert crop(0.77, 0.3, 0.6, 80) == (61, 6, 11)
-    # ... we crop the feature map with the image crop's normalised box instead, so the two stay pixel-aligned:
-    # a 640 image whose pixels hold their column index, cropped at 640 and at 80 (8x8 average-pooled) agree.
+    # ... we crop the feature map with the image crop's normalised box instead, so the two stay
+    # pixel-aligned: a 640 image whose pixels hold their column index, cropped at 640 and at 80 (8x8
+    # average-pooled) agree.
     side, top, left = crop(0.77, 0.3, 0.6, 640)
     box = torch.tensor([[left / 640, top / 640, (left + side) / 640, (top + side) / 640]])
     columns = torch.arange(640.0).view(1, 1, 1, 640).expand(1, 1, 640, 640)
@@ -103,9 +107,9 @@ def test_d6_grid_recipe():
     assert torch.allclose(sampled, torch.tensor([3.875, 5.625, 3.875, 5.625]), atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PixSim geometry on real crops, losses, schedules
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def coordinate_image(size):
     """1 x 2 x S x S image whose channels hold the normalised x and y of each pixel centre."""
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
@@ -124,9 +128,9 @@ def test_grid_points_map_to_same_original_pixels(flip1, flip2):
     view2 = common.crop_resize(image, boxes2, flips2, out)
     grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips1, boxes2, flips2, grid_size)
     assert valid.all()
-    where1 = densesiam.grid_sample_points(view1, grid1)                  # 1 x 2 x K x K original (x, y)
+    where1 = densesiam.grid_sample_points(view1, grid1)              # 1 x 2 x K x K original (x, y)
     where2 = densesiam.grid_sample_points(view2, grid2)
-    assert (where1 - where2).abs().max() < 1.0 / size                    # same original pixel, up to interpolation
+    assert (where1 - where2).abs().max() < 1.0 / size     # same original pixel, up to interpolation
     inter, _ = densesiam.box_intersection(boxes1, boxes2)
     steps = (torch.arange(grid_size) + 0.5) / grid_size
     expected_x = inter[0, 0] + steps * (inter[0, 2] - inter[0, 0])
@@ -213,9 +217,9 @@ def test_region_weight_schedule():
     assert densesiam.region_weight_at(99, total, 0.5, 0.1) == 0.1
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Seg-mode evaluation
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_hungarian_fallback_matches_brute_force_and_scipy():
     torch.manual_seed(0)
     for n in (1, 2, 5, 6):
@@ -286,7 +290,7 @@ def test_synthetic_segmentation_set():
     again, _ = common.make_synthetic_segmentation(6, image_size=32, seed=1)
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8 and torch.equal(images, again)
     assert labels.shape == (6, 32, 32) and labels.min() >= 0 and labels.max() < 6
-    assert (labels < 3).any() and (labels >= 3).any()                   # things and stuff both present
+    assert (labels < 3).any() and (labels >= 3).any()                # things and stuff both present
 
 
 def test_fpn_decoder_shape():
@@ -297,7 +301,8 @@ def test_fpn_decoder_shape():
 
 
 def test_grid_points_agree_through_common_augment():
-    """Random crops and flips drawn by common.augment: every grid point reads the same original pixel in both views."""
+    """Random crops and flips drawn by common.augment: every grid point reads the same original
+    pixel in both views."""
     size, out = 64, 48
     coords = torch.round(coordinate_image(size) * 255) / 255
     image = (torch.cat([coords, torch.zeros(1, 1, size, size)], 1) * 255).round().to(torch.uint8).expand(16, -1, -1, -1)
@@ -307,7 +312,7 @@ def test_grid_points_agree_through_common_augment():
     assert flips1.any() and (~flips1).any()
     mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
-    view1, view2 = view1 * std + mean, view2 * std + mean                # back to [0, 1]: channels 0/1 = x/y
+    view1, view2 = view1 * std + mean, view2 * std + mean       # back to [0, 1]: channels 0/1 = x/y
     grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips1, boxes2, flips2, 7)
     where1 = densesiam.grid_sample_points(view1[:, :2], grid1)
     where2 = densesiam.grid_sample_points(view2[:, :2], grid2)
@@ -315,9 +320,9 @@ def test_grid_points_agree_through_common_augment():
     assert (where1 - where2)[valid].abs().max() < 1.5 / size
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Models: RegionSim switch, loss weights, seg forward/eval
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 SMALL = dict(proj_dim=32, pred_hidden=16, dense_dim=8, dense_pred_hidden=8, region_dim=16, grid_size=3)
 
 
@@ -457,7 +462,7 @@ def test_seg_evaluation_returns_fractions():
     loader = common.TensorLoader(images, labels, 2, 0, 1, 0, shuffle=False, drop_last=False)
     scores = densesiam.evaluate_segmentation(model, loader, 4, 1, 32)
     assert all(0.0 <= scores[key] <= 1.0 for key in ("miou", "pixel_acc", "miou_things", "miou_stuff"))
-    assert model.training                                                 # evaluation restores train mode
+    assert model.training                                           # evaluation restores train mode
 
 
 def test_seg_folder_layout(tmp_path):
@@ -481,9 +486,9 @@ def test_seg_folder_layout(tmp_path):
         common.segmentation_pairs(tmp_path, "val", "cocostuff")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line, DDP, short runs
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 TINY = ["--synthetic-size", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--log-every", "1",
         "--proj-dim", "32", "--pred-hidden", "16", "--dense-dim", "8", "--dense-pred-hidden", "8", "--region-dim", "16",
         "--grid-size", "3", "--region-start", "0.5", "--knn-every", "0"]
@@ -508,7 +513,8 @@ common.cleanup_distributed()
 
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
-    """Both modes train under `torchrun --nproc_per_node=2` on CPU, RegionSim switching on mid-run."""
+    """Both modes train under `torchrun --nproc_per_node=2` on CPU, RegionSim switching on
+    mid-run."""
     script = tmp_path / "ddp_densesiam.py"
     script.write_text(DDP_SCRIPT.format(root=ROOT, pretrain=TINY, seg=TINY_SEG))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
@@ -518,7 +524,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for mode in ("pretrain", "seg"):
         states = [torch.load(tmp_path / mode / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-        assert states[0]["step"] == states[1]["step"] == 2                # 16 images, global batch 8
+        assert states[0]["step"] == states[1]["step"] == 2               # 16 images, global batch 8
         records = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
         assert [r["region_weight"] for r in records if "loss" in r] == [0.0, 0.1], mode
         names = [n for n, v in states[0]["model"].items() if v.is_floating_point() and "running" not in n]
@@ -529,7 +535,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 
 
 def test_resume_reaches_the_same_weights_bitwise(tmp_path):
-    args = TINY + ["--device", "cpu", "--synthetic-size", "24"]             # 3 steps, RegionSim on from step 1
+    args = TINY + ["--device", "cpu", "--synthetic-size", "24"]  # 3 steps, RegionSim on from step 1
     densesiam.main(args + ["--out", str(tmp_path / "straight")])
     densesiam.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "2"])
     densesiam.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
@@ -540,7 +546,8 @@ def test_resume_reaches_the_same_weights_bitwise(tmp_path):
 
 
 def test_seg_short_training_beats_initialisation(tmp_path):
-    """Seg mode on the built-in set: mIoU after a short CPU run beats the same network's mIoU at initialisation."""
+    """Seg mode on the built-in set: mIoU after a short CPU run beats the same network's mIoU at
+    initialisation."""
     result = densesiam.main(["--task", "seg", "--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "128",
                              "--image-size", "32", "--batch-size", "16", "--epochs", "3", "--eval-every", "0",
                              "--base-lr", "0.4", "--log-every", "8"])
