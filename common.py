@@ -78,7 +78,8 @@ def _parse_value(text, kind, name):
             return tuple(_auto(item) for item in text.split(",") if item.strip() != "")
         return kind(text)
     except ValueError:
-        raise InputError(f"--{name.replace('_', '-')}: cannot read {text!r} as {kind.__name__}") from None
+        flag = name.replace("_", "-")
+        raise InputError(f"--{flag}: cannot read {text!r} as {kind.__name__}") from None
 
 
 def _auto(text):
@@ -184,7 +185,8 @@ def parse_config(config_cls, presets=None, argv=None):
         except OSError as error:
             raise InputError(f"cannot read --config {args.config}: {error.strerror}") from None
         except yaml.YAMLError as error:
-            raise InputError(f"--config {args.config} is not valid YAML: {str(error).splitlines()[0]}") from None
+            first = str(error).splitlines()[0]
+            raise InputError(f"--config {args.config} is not valid YAML: {first}") from None
         if not isinstance(loaded, dict):
             raise InputError(f"--config {args.config} must be a mapping of field: value")
         for key, value in loaded.items():
@@ -207,7 +209,8 @@ def parse_config(config_cls, presets=None, argv=None):
 
 def config_dict(cfg):
     """Plain dict of primitives (safe for weights_only checkpoints and JSON)."""
-    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in dataclasses.asdict(cfg).items()}
+    return {key: (list(value) if isinstance(value, tuple) else value)
+            for key, value in dataclasses.asdict(cfg).items()}
 
 
 def check(condition, message):
@@ -227,11 +230,13 @@ def check_common_config(cfg, world_size):
           f"or more")
     check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     check(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
-    check(cfg.arch in ("resnet18", "resnet50"), f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
+    check(cfg.arch in ("resnet18", "resnet50"),
+          f"--arch must be resnet18 or resnet50, got {cfg.arch!r}")
     check(cfg.stem in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, got {cfg.stem!r}")
     check(cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}")
     check_precision(cfg.precision)
-    check(not cfg.resume or (Path(cfg.out) / "last.pt").is_file(),  # before any data or model is built
+    # before any data or model is built
+    check(not cfg.resume or (Path(cfg.out) / "last.pt").is_file(),
           f"--resume: checkpoint {Path(cfg.out) / 'last.pt'} does not exist")
 
 
@@ -465,7 +470,8 @@ class ResNetTrunk(nn.Module):
     """torchvision ResNet returning the stage maps {"res2", ..., "res5"} (no avgpool, no fc).
 
     stem="imagenet": 7x7/2 conv + 3x3/2 max-pool (strides 4/8/16/32).
-    stem="cifar":    3x3/1 conv, no max-pool (strides 1/2/4/8), the usual choice for 32-64 px images.
+    stem="cifar":    3x3/1 conv, no max-pool (strides 1/2/4/8), the usual choice for 32-64 px
+                     images.
     Attribute names match torchvision (conv1, bn1, layer1..layer4), so `state_dict()` loads into
     `torchvision.models.resnetXX()` with strict=False (only fc is missing; the cifar stem's conv1 is
     3x3).
@@ -479,8 +485,10 @@ class ResNetTrunk(nn.Module):
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
             net.maxpool = nn.Identity()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        widths = [layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels
+        self.layer1, self.layer2 = net.layer1, net.layer2
+        self.layer3, self.layer4 = net.layer3, net.layer4
+        widths = [layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3")
+                  else layer[-1].conv2.out_channels
                   for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
         self.channels = dict(zip(STAGES, widths))
 
@@ -515,14 +523,14 @@ def load_torchvision_weights(trunk, path):
 def mlp(in_dim, hidden_dim=4096, out_dim=256):
     """BYOL projector/predictor: Linear -> BN -> ReLU -> Linear (BYOL Sec. 3.3;
     google-deepmind/deepmind-research byol/utils/networks.py)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 def conv_mlp(in_dim, hidden_dim=4096, out_dim=256):
     """The same MLP applied at every position of a B x C x H x W map (1x1 convolutions)."""
-    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden_dim, out_dim, 1))
+    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
 
 
 def regression_loss(p, z):
@@ -602,12 +610,14 @@ class ViewRecipe:
     jitter_p: float = 0.8
     gray_p: float = 0.2
     blur_p: float = 1.0
-    blur_sigma: tuple = (0.1, 2.0)        # pixels at 224 px; scaled with the output size (see gaussian_blur)
+    # blur_sigma: pixels at 224 px; scaled with the output size (see gaussian_blur)
+    blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
 
 
 BYOL_VIEWS = (ViewRecipe(blur_p=1.0, solarize_p=0.0), ViewRecipe(blur_p=0.1, solarize_p=0.2))
-SIMSIAM_VIEW = ViewRecipe(crop_scale=(0.2, 1.0), interpolation="bilinear", jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+SIMSIAM_VIEW = ViewRecipe(crop_scale=(0.2, 1.0), interpolation="bilinear",
+                          jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
 MOCO_V2_VIEW = SIMSIAM_VIEW
 GEOMETRY_ONLY = ViewRecipe(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
@@ -627,11 +637,14 @@ def sample_crop_boxes(batch, height, width, scale, ratio, generator, device, att
     crop_w = torch.sqrt(target_area * aspect)
     crop_h = torch.sqrt(target_area / aspect)
     fits = (crop_w <= width) & (crop_h <= height)
-    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), torch.full((batch,), -1, device=device))
+    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1),
+                        torch.full((batch,), -1, device=device))
     pick = first.clamp(min=0)
     rows = torch.arange(batch, device=device)
-    w = torch.where(first >= 0, crop_w[rows, pick], torch.full((batch,), float(width), device=device))
-    h = torch.where(first >= 0, crop_h[rows, pick], torch.full((batch,), float(height), device=device))
+    w = torch.where(first >= 0, crop_w[rows, pick],
+                    torch.full((batch,), float(width), device=device))
+    h = torch.where(first >= 0, crop_h[rows, pick],
+                    torch.full((batch,), float(height), device=device))
     x0 = (width - w) * rand[rows, pick, 2]
     y0 = (height - h) * rand[rows, pick, 3]
     return torch.stack([x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height], dim=1)
@@ -689,9 +702,11 @@ def _resample_matrix(start, end, flips, in_size, out_size, interpolation):
     grid_sample (align_corners=False), so the two agree to float rounding; taps outside the signal
     are clamped to its ends (padding_mode="border"), so taps that land on the same end pixel add up.
     """
-    centres = torch.linspace(-1, 1, out_size, device=start.device, dtype=start.dtype) * (out_size - 1) / out_size
+    centres = (torch.linspace(-1, 1, out_size, device=start.device, dtype=start.dtype)
+               * (out_size - 1) / out_size)
     sign = 1.0 - 2.0 * flips.to(start.dtype)
-    normalised = (start + end - 1).view(-1, 1) + ((end - start) * sign).view(-1, 1) * centres  # B x out, in [-1, 1]
+    # B x out, in [-1, 1]
+    normalised = (start + end - 1).view(-1, 1) + ((end - start) * sign).view(-1, 1) * centres
     x = ((normalised + 1) * in_size - 1) / 2                                       # in input pixels
     left = x.floor()
     t = x - left
@@ -702,7 +717,8 @@ def _resample_matrix(start, end, flips, in_size, out_size, interpolation):
     offsets = torch.arange(first_tap, first_tap + weights.shape[-1], device=x.device)
     taps = (left.long().unsqueeze(-1) + offsets).clamp_(0, in_size - 1)             # B x out x taps
     matrix = torch.zeros(x.shape[0], out_size, in_size, device=x.device, dtype=x.dtype)
-    for tap in range(taps.shape[-1]):  # one tap at a time: taps clamped onto the same pixel add up in a fixed order
+    # one tap at a time: taps clamped onto the same pixel add up in a fixed order
+    for tap in range(taps.shape[-1]):
         matrix.scatter_add_(2, taps[..., tap:tap + 1], weights[..., tap:tap + 1])
     return matrix
 
@@ -765,7 +781,8 @@ def adjust_linear(x, scale, gray_weight, mean_weight):
     """
     gray = _gray(x)                                                                  # B x 1 x H x W
     mean = gray.mean(dim=(1, 2, 3), keepdim=True)                                    # B x 1 x 1 x 1
-    shared = torch.addcmul(mean * mean_weight.view(-1, 1, 1, 1), gray, gray_weight.view(-1, 1, 1, 1))
+    shared = torch.addcmul(mean * mean_weight.view(-1, 1, 1, 1), gray,
+                           gray_weight.view(-1, 1, 1, 1))
     return torch.addcmul(shared, x, scale.view(-1, 1, 1, 1)).clamp_(0, 1)        # shared by R, G, B
 
 
@@ -792,18 +809,21 @@ def adjust_hue(x, shift):
     1, 2) (min(k, 4 - k) = 2 - |k - 2|): fewer passes over the images.
     """
     r, g, b = x.unbind(dim=1)
-    value = torch.maximum(torch.maximum(r, g), b)  # elementwise: faster than a reduction over the channel dim
+    # elementwise: faster than a reduction over the channel dim
+    value = torch.maximum(torch.maximum(r, g), b)
     delta = value - torch.minimum(torch.minimum(r, g), b)
     # hue x delta: 4 delta + r - g, replaced by 2 delta + b - r where v is g, then by g - b where v
     # is r (x + m (y - x) with a 0/1 mask m: torch.where is several times slower on CPU)
     hue = (r - g).add_(delta, alpha=4)
     hue.addcmul_((value == g).to(x.dtype), (b - r).add_(delta, alpha=2).sub_(hue))
     hue.addcmul_((value == r).to(x.dtype), (g - b).sub_(hue))
-    hue.div_(delta.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1))  # where delta = 0 the hue is 0 and unused
+    # where delta = 0 the hue is 0 and unused
+    hue.div_(delta.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1))
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = hue.unsqueeze(1) + n                                 # B x 3 x H x W
     k.sub_(k.div(6).floor_().mul_(6))                        # mod 6 (faster than remainder_ on CPU)
-    return torch.addcmul((value - 2 * delta).unsqueeze(1), delta.unsqueeze(1), k.sub_(2).abs_().clamp_(1, 2))
+    return torch.addcmul((value - 2 * delta).unsqueeze(1), delta.unsqueeze(1),
+                         k.sub_(2).abs_().clamp_(1, 2))
 
 
 def gaussian_blur(x, sigma, kernel_size):
@@ -820,7 +840,8 @@ def gaussian_blur(x, sigma, kernel_size):
     kernel = kernel / kernel.sum(dim=1, keepdim=True)                      # B x k
     kernel = kernel.repeat_interleave(channels, dim=0)                      # (B*C) x k
     flat = x.reshape(1, batch * channels, height, width)
-    flat = F.pad(flat, (half, half, half, half), mode="reflect" if half < min(height, width) else "replicate")
+    mode = "reflect" if half < min(height, width) else "replicate"
+    flat = F.pad(flat, (half, half, half, half), mode=mode)
     flat = F.conv2d(flat, kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)
     flat = F.conv2d(flat, kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)
     return flat.view(batch, channels, height, width)
@@ -831,7 +852,8 @@ def blur_kernel_size(image_size):
     return 2 * int(image_size / 10 / 2) + 1
 
 
-_COLOUR_OPS = dict(linear=adjust_linear, hue=adjust_hue)  # what color_augment calls; see compile_colour_ops
+# what color_augment calls; see compile_colour_ops
+_COLOUR_OPS = dict(linear=adjust_linear, hue=adjust_hue)
 _COMPILED_COLOUR_OPS = {}                                 # filled on the first compile_colour_ops()
 
 
@@ -848,7 +870,8 @@ def compile_colour_ops(enabled=True):
     if enabled and not _COMPILED_COLOUR_OPS:
         _COMPILED_COLOUR_OPS.update(linear=torch.compile(adjust_linear, dynamic=True),
                                     hue=torch.compile(adjust_hue, dynamic=True))
-    _COLOUR_OPS.update(_COMPILED_COLOUR_OPS if enabled else dict(linear=adjust_linear, hue=adjust_hue))
+    _COLOUR_OPS.update(_COMPILED_COLOUR_OPS if enabled
+                       else dict(linear=adjust_linear, hue=adjust_hue))
 
 
 def solarize(x):
@@ -887,30 +910,40 @@ def color_augment(x, recipe, generator):
     batch, device = x.shape[0], x.device
     u = torch.rand(batch, 12, generator=generator, device=device)
     b, c, s, h = recipe.jitter
-    brightness, contrast, saturation = 1 - b + 2 * b * u[:, 0], 1 - c + 2 * c * u[:, 1], 1 - s + 2 * s * u[:, 2]
+    brightness = 1 - b + 2 * b * u[:, 0]
+    contrast = 1 - c + 2 * c * u[:, 1]
+    saturation = 1 - s + 2 * s * u[:, 2]
     hue_shift = -h + 2 * h * u[:, 3]
     jitter_on = u[:, 4] < recipe.jitter_p
-    order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)  # per-sample op order
+    # per-sample op order
+    order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)
     if recipe.jitter_p > 0:
         # adjust_linear's weights (scale, gray, mean) of each sample's brightness, contrast,
         # saturation and hue/no-op
         one, zero = torch.ones_like(brightness), torch.zeros_like(brightness)
         weights = torch.stack([torch.stack([brightness, contrast, saturation, one], dim=1),
                                torch.stack([zero, zero, 1 - saturation, zero], dim=1),
-                               torch.stack([zero, 1 - contrast, zero, zero], dim=1)], dim=1)     # B x 3 x 4
+                               torch.stack([zero, 1 - contrast, zero, zero], dim=1)],
+                              dim=1)  # B x 3 x 4
         rows = torch.arange(batch, device=device)
         for position in range(4):
-            op = torch.where(jitter_on, order[:, position], 3)  # 0 brightness, 1 contrast, 2 saturation, 3 hue / none
+            # 0 brightness, 1 contrast, 2 saturation, 3 hue / none
+            op = torch.where(jitter_on, order[:, position], 3)
             x = _COLOUR_OPS["linear"](x, *weights[rows, :, op].unbind(dim=1))
-            x = _apply_subset(x, jitter_on & (order[:, position] == 3), _COLOUR_OPS["hue"], hue_shift)
+            x = _apply_subset(x, jitter_on & (order[:, position] == 3), _COLOUR_OPS["hue"],
+                              hue_shift)
     else:
         x = x.clone()  # the subset updates below may write in place
-    x = _apply_subset(x, u[:, 5] < recipe.gray_p, lambda v: _gray(v).expand(-1, 3, -1, -1).contiguous())
-    sigma_scale = x.shape[-1] / 224  # NOTE: sigma in [0.1, 2] px is defined at 224 px; we keep the same blur relative to the image.
-    sigma = (recipe.blur_sigma[0] + (recipe.blur_sigma[1] - recipe.blur_sigma[0]) * u[:, 6]) * sigma_scale
+    x = _apply_subset(x, u[:, 5] < recipe.gray_p,
+                      lambda v: _gray(v).expand(-1, 3, -1, -1).contiguous())
+    # NOTE: sigma in [0.1, 2] px is defined at 224 px; we keep the same blur relative to the image.
+    sigma_scale = x.shape[-1] / 224
+    low, high = recipe.blur_sigma
+    sigma = (low + (high - low) * u[:, 6]) * sigma_scale
     kernel = blur_kernel_size(x.shape[-1])
     if kernel > 1:
-        x = _apply_subset(x, u[:, 7] < recipe.blur_p, lambda v, sd: gaussian_blur(v, sd, kernel), sigma)
+        x = _apply_subset(x, u[:, 7] < recipe.blur_p,
+                          lambda v, sd: gaussian_blur(v, sd, kernel), sigma)
     x = _apply_subset(x, u[:, 8] < recipe.solarize_p, solarize)
     return x
 
@@ -929,7 +962,8 @@ def augment(images, recipe, out_size, generator=None):
     """
     batch, _, height, width = images.shape
     device = images.device
-    boxes = sample_crop_boxes(batch, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device)
+    boxes = sample_crop_boxes(batch, height, width, recipe.crop_scale, recipe.crop_ratio,
+                              generator, device)
     flips = torch.rand(batch, generator=generator, device=device) < recipe.flip_p
     views = crop_resize(images.float().div_(255), boxes, flips, out_size, recipe.interpolation)
     views = color_augment(views, recipe, generator)
@@ -941,7 +975,8 @@ def eval_transform(images, out_size):
     kNN/eval)."""
     x = images.float().div_(255)
     if x.shape[-1] != out_size or x.shape[-2] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False,
+                          antialias=True)
     return normalize(x)
 
 
