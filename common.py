@@ -1044,8 +1044,10 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10, with_masks
     boxes = sample_crop_boxes(num_images, 1, 1, (0.2, 1.0), (3 / 4, 4 / 3), generator, "cpu")
     flips = torch.rand(num_images, generator=generator) < 0.5
     images = crop_resize(scenes[labels], boxes, flips, image_size, "bilinear")
-    factors = 0.5 + torch.rand(3, num_images, generator=generator)  # brightness, contrast, saturation in [0.5, 1.5)
-    images = adjust_saturation(adjust_contrast(adjust_brightness(images, factors[0]), factors[1]), factors[2])
+    # brightness, contrast, saturation in [0.5, 1.5)
+    factors = 0.5 + torch.rand(3, num_images, generator=generator)
+    images = adjust_brightness(images, factors[0])
+    images = adjust_saturation(adjust_contrast(images, factors[1]), factors[2])
     images = images + 0.04 * torch.randn(images.shape, generator=generator)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     if not with_masks:
@@ -1066,7 +1068,8 @@ class TensorLoader:
     `start_batch` skips batches already done in a partly finished epoch.
     """
 
-    def __init__(self, images, labels, batch_per_rank, rank, world_size, seed, shuffle=True, drop_last=True):
+    def __init__(self, images, labels, batch_per_rank, rank, world_size, seed, shuffle=True,
+                 drop_last=True):
         self.images, self.labels = images, labels
         self.batch, self.rank, self.world, self.seed = batch_per_rank, rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -1082,7 +1085,8 @@ class TensorLoader:
     def _indices(self):
         n = len(self.images)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
+            generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+            order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
         per_rank = n // self.world
@@ -1129,7 +1133,8 @@ def resize_square(image, size):
 
 
 def _collate_raw(batch):
-    return [item[0] for item in batch], torch.tensor([item[1] for item in batch]), [item[2] for item in batch]
+    return ([item[0] for item in batch], torch.tensor([item[1] for item in batch]),
+            [item[2] for item in batch])
 
 
 class FolderLoader:
@@ -1141,8 +1146,10 @@ class FolderLoader:
     Any map-style dataset of (image, label) items works too (e.g. SegmentationPairs: no `raw`).
     """
 
-    def __init__(self, dataset, batch_per_rank, rank, world_size, seed, device, workers, shuffle=True, drop_last=True):
-        self.dataset, self.batch, self.rank, self.world, self.seed = dataset, batch_per_rank, rank, world_size, seed
+    def __init__(self, dataset, batch_per_rank, rank, world_size, seed, device, workers,
+                 shuffle=True, drop_last=True):
+        self.dataset, self.batch, self.rank = dataset, batch_per_rank, rank
+        self.world, self.seed = world_size, seed
         self.device, self.workers, self.shuffle, self.drop_last = device, workers, shuffle, drop_last
         self.raw = getattr(dataset, "raw", False)  # items are file bytes (decode_on_device)
         self.epoch, self.start_batch = 0, 0
@@ -1150,19 +1157,21 @@ class FolderLoader:
     set_epoch = TensorLoader.set_epoch
 
     def __len__(self):
-        n = len(self.dataset) // self.world if self.drop_last else math.ceil(len(self.dataset) / self.world)
+        total = len(self.dataset)
+        n = total // self.world if self.drop_last else math.ceil(total / self.world)
         return n // self.batch if self.drop_last else math.ceil(n / self.batch)
 
     def _indices(self):
         n = len(self.dataset)
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
-                 if self.shuffle else torch.arange(n))
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         per_rank = n // self.world if self.drop_last else math.ceil(n / self.world)
         return order[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def _decode(self, data, indices):
         try:
-            images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+            images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                device=self.device)
         except RuntimeError:
             for item, index in zip(data, indices):  # find the culprit to name it
                 try:
@@ -1186,9 +1195,12 @@ class FolderLoader:
                     yield self._decode(data, index), labels.to(self.device, non_blocking=True)
                 else:
                     images, labels = batch
-                    yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        except InputError as error:  # from a worker: DataLoader re-raises it with the worker's traceback text
-            raise InputError(str(error).strip().splitlines()[-1].removeprefix("common.InputError: ")) from None
+                    yield (images.to(self.device, non_blocking=True),
+                           labels.to(self.device, non_blocking=True))
+        except InputError as error:
+            # from a worker: DataLoader re-raises it with the worker's traceback text
+            message = str(error).strip().splitlines()[-1].removeprefix("common.InputError: ")
+            raise InputError(message) from None
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an unlabelled folder is searched for (any case)
@@ -1220,7 +1232,8 @@ def _unlabelled_samples(root):
 def _folder_split(root, split):
     path = Path(root) / split
     if not path.is_dir():
-        raise InputError(f"--data {root}: expected class folders under {path} (ImageNet layout: train/ and val/)")
+        raise InputError(f"--data {root}: expected class folders under {path} "
+                         "(ImageNet layout: train/ and val/)")
     classes = [d for d in sorted(path.iterdir()) if d.is_dir()]
     if not classes:
         raise InputError(f"--data {root}: no class folders in {path}")
@@ -1242,7 +1255,8 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
     if data == "synthetic":
         n_train = synthetic_size
         n_val = max(synthetic_size // 5, 10)
-        images, labels = make_synthetic(n_train + n_val, image_size, seed=12345)  # fixed: the dataset, not the run
+        # fixed seed: it defines the dataset, not the run
+        images, labels = make_synthetic(n_train + n_val, image_size, seed=12345)
         if split == "train":
             return "tensor", images[:n_train], labels[:n_train]
         return "tensor", images[n_train:], labels[n_train:]
@@ -1254,7 +1268,8 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
         try:
             dataset = CIFAR10(root, train=(split == "train"), download=True)
         except Exception as error:  # no network and no cache
-            raise InputError(f"--data cifar10: could not load or download CIFAR-10 into {root}: {error}") from None
+            raise InputError(f"--data cifar10: could not load or download CIFAR-10 into {root}: "
+                             f"{error}") from None
         images = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
         return "tensor", images, torch.tensor(dataset.targets)
     if not os.path.exists(data):
@@ -1279,24 +1294,25 @@ def load_dataset(data, image_size, split, synthetic_size=2560, seed=0, raw=False
     return "folder", dataset, None
 
 
-def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, shuffle=True, drop_last=True,
-                synthetic_size=2560, load_size=None, decode_on_device=False):
+def make_loader(data, split, image_size, batch_per_rank, dist, seed, workers=8, shuffle=True,
+                drop_last=True, synthetic_size=2560, load_size=None, decode_on_device=False):
     """Loader yielding (images uint8 B x 3 x L x L on the device, labels). Small datasets live on
     the device.
 
     decode_on_device: for folders of JPEGs, decode on the device (GPU decoder on CUDA) instead of in
     the workers.
     """
-    kind, dataset, labels = load_dataset(data, load_size or image_size, split, synthetic_size, raw=decode_on_device)
+    kind, dataset, labels = load_dataset(data, load_size or image_size, split, synthetic_size,
+                                         raw=decode_on_device)
     if kind == "tensor":
-        loader = TensorLoader(dataset.to(dist.device), labels.to(dist.device), batch_per_rank, dist.rank,
-                              dist.world_size, seed, shuffle, drop_last)
+        loader = TensorLoader(dataset.to(dist.device), labels.to(dist.device), batch_per_rank,
+                              dist.rank, dist.world_size, seed, shuffle, drop_last)
     else:
-        loader = FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, seed, dist.device, workers,
-                              shuffle, drop_last)
+        loader = FolderLoader(dataset, batch_per_rank, dist.rank, dist.world_size, seed,
+                              dist.device, workers, shuffle, drop_last)
     if len(loader) == 0:
-        raise InputError(f"--data {data} ({split}): {len(dataset)} images are fewer than one batch of "
-                         f"{batch_per_rank} per rank x {dist.world_size} ranks")
+        raise InputError(f"--data {data} ({split}): {len(dataset)} images are fewer than one "
+                         f"batch of {batch_per_rank} per rank x {dist.world_size} ranks")
     return loader
 
 
@@ -1317,8 +1333,8 @@ def make_loaders(cfg, dist, eval_batch=256):
     Reads cfg.data, val_data, image_size, load_size, batch_size, seed, workers, synthetic_size
     and gpu_decode."""
     common_args = dict(synthetic_size=cfg.synthetic_size, decode_on_device=cfg.gpu_decode)
-    train = make_loader(cfg.data, "train", cfg.image_size, cfg.batch_size // dist.world_size, dist, cfg.seed,
-                        cfg.workers, load_size=load_size_of(cfg), **common_args)
+    train = make_loader(cfg.data, "train", cfg.image_size, cfg.batch_size // dist.world_size,
+                        dist, cfg.seed, cfg.workers, load_size=load_size_of(cfg), **common_args)
     if cfg.val_data:
         check(cfg.val_data in ("synthetic", "cifar10") or os.path.exists(cfg.val_data),
               f"--val-data {cfg.val_data}: no such file or directory")
