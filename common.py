@@ -1150,7 +1150,8 @@ class FolderLoader:
                  shuffle=True, drop_last=True):
         self.dataset, self.batch, self.rank = dataset, batch_per_rank, rank
         self.world, self.seed = world_size, seed
-        self.device, self.workers, self.shuffle, self.drop_last = device, workers, shuffle, drop_last
+        self.device, self.workers = device, workers
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.raw = getattr(dataset, "raw", False)  # items are file bytes (decode_on_device)
         self.epoch, self.start_batch = 0, 0
 
@@ -1186,8 +1187,9 @@ class FolderLoader:
         indices = self._indices()[self.start_batch * self.batch:].tolist()
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.dataset, indices), batch_size=self.batch, shuffle=False,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
-            persistent_workers=False, collate_fn=_collate_raw if self.raw else None)
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last, persistent_workers=False,
+            collate_fn=_collate_raw if self.raw else None)
         try:
             for batch in loader:
                 if self.raw:
@@ -1376,9 +1378,11 @@ def lars_param_groups(model, weight_decay, lr_mults=None):
         lars = param.ndim > 1  # 1-D = biases and BatchNorm weights/biases
         key = (mult, lars)
         if key not in groups:
-            groups[key] = dict(params=[], weight_decay=weight_decay if lars else 0.0, lars=lars, lr_mult=mult)
+            groups[key] = dict(params=[], weight_decay=weight_decay if lars else 0.0, lars=lars,
+                               lr_mult=mult)
         groups[key]["params"].append(param)
-    return [groups[key] for key in sorted(groups, key=lambda key: (key[0], not key[1]))]  # by factor; LARS group first
+    # by factor; LARS group first
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[0], not key[1]))]
 
 
 class LARS(torch.optim.Optimizer):
@@ -1402,7 +1406,8 @@ class LARS(torch.optim.Optimizer):
 
     FORMS = ("optax", "openselfsup")
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, form="optax"):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
+                 form="optax"):
         if form not in self.FORMS:
             raise InputError(f"--lars-form must be one of {', '.join(self.FORMS)}, not {form!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -1418,13 +1423,16 @@ class LARS(torch.optim.Optimizer):
             lr_inside = group.get("form", "optax") == "openselfsup"
             if group["lars"]:
                 decay = group["weight_decay"]
-                updates = torch._foreach_add(grads, params, alpha=decay) if decay != 0 else [g.clone() for g in grads]
+                updates = (torch._foreach_add(grads, params, alpha=decay) if decay != 0
+                           else [g.clone() for g in grads])
                 weight_norms = torch._foreach_norm(params)
                 if lr_inside:  # ||g|| + wd ||w||
-                    update_norms = torch._foreach_add(torch._foreach_norm(grads), weight_norms, alpha=decay)
+                    update_norms = torch._foreach_add(torch._foreach_norm(grads), weight_norms,
+                                                      alpha=decay)
                 else:          # ||g + wd w||
                     update_norms = torch._foreach_norm(updates)
-                ratios = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
+                ratios = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u,
+                                      torch.ones_like(w))
                           for w, u in zip(weight_norms, update_norms)]
                 torch._foreach_mul_(updates, ratios)
             else:
@@ -1515,8 +1523,10 @@ def save_checkpoint(state, path):
     the last good one.
     """
     path = Path(path)
-    weights = [value for value in state.get("model", {}).values() if torch.is_tensor(value) and value.is_floating_point()]
-    if weights and not torch.stack([value.float().abs().max() for value in weights if value.numel()]).isfinite().all():
+    weights = [value for value in state.get("model", {}).values()
+               if torch.is_tensor(value) and value.is_floating_point()]
+    if weights and not torch.stack([value.float().abs().max()
+                                    for value in weights if value.numel()]).isfinite().all():
         raise TrainingError(f"non-finite weights at step {state.get('step')} (the loss diverged); "
                             f"last good checkpoint kept: {path}")
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -1545,11 +1555,14 @@ def load_checkpoint(path, method=None):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {first[:160]}") from None
+        raise InputError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
+                         f"{first[:160]}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise InputError(f"checkpoint {path} is not a checkpoint of this repo (no 'model'/'config' entries)")
+        raise InputError(f"checkpoint {path} is not a checkpoint of this repo "
+                         "(no 'model'/'config' entries)")
     if method is not None and state.get("method") != method:
-        raise InputError(f"checkpoint {path} was written by {state.get('method')!r}, not {method!r}")
+        raise InputError(f"checkpoint {path} was written by {state.get('method')!r}, "
+                         f"not {method!r}")
     return state
 
 
@@ -1574,11 +1587,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def check_resume_compatible(state, cfg, keys=("arch", "stem", "image_size", "batch_size", "epochs")):
+def check_resume_compatible(state, cfg,
+                            keys=("arch", "stem", "image_size", "batch_size", "epochs")):
     saved = state["config"]
     for key in keys:
         if key in saved and saved[key] != getattr(cfg, key):
-            raise InputError(f"--resume: checkpoint has {key}={saved[key]!r} but this run has {key}={getattr(cfg, key)!r}")
+            raise InputError(f"--resume: checkpoint has {key}={saved[key]!r} "
+                             f"but this run has {key}={getattr(cfg, key)!r}")
 
 
 def prepare_output_dir(path):
@@ -1641,7 +1656,8 @@ def check_finite(step, terms, checkpoint):
     values = all_reduce_mean(torch.stack([terms[name].detach().float() for name in names])).tolist()
     bad = [f"{name} = {value}" for name, value in zip(names, values) if not math.isfinite(value)]
     if bad:
-        raise TrainingError(f"non-finite loss at step {step}: {', '.join(bad)}; last good checkpoint kept: {checkpoint}")
+        raise TrainingError(f"non-finite loss at step {step}: {', '.join(bad)}; "
+                            f"last good checkpoint kept: {checkpoint}")
     return dict(zip(names, values))
 
 
@@ -1657,7 +1673,8 @@ class MetricsLog:
 
     def write(self, **record):
         if self.enabled:
-            record = {key: (round(value, 6) if isinstance(value, float) else value) for key, value in record.items()}
+            record = {key: (round(value, 6) if isinstance(value, float) else value)
+                      for key, value in record.items()}
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
@@ -1718,8 +1735,8 @@ def timed(loader, timer):
 # --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=None, memory_format=None,
-                     show_progress=False):
+def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=None,
+                     memory_format=None, show_progress=False):
     """Global-average-pooled features of one stage for every batch of `loader`, gathered over ranks.
 
     Returns (features N x C float32, labels N) on the loader's device, identical on every rank.
@@ -1727,11 +1744,13 @@ def extract_features(backbone, loader, image_size, stage="res5", autocast_dtype=
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    for images, targets in progress(loader, show_progress and is_main(), desc=f"features {stage}", leave=False):
+    for images, targets in progress(loader, show_progress and is_main(), desc=f"features {stage}",
+                                    leave=False):
         x = eval_transform(images, image_size)
         if memory_format is not None:
             x = x.contiguous(memory_format=memory_format)
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
             maps = backbone(x, last_stage=stage)
         features.append(global_pool(maps[stage]).float())
         labels.append(targets)
@@ -1765,10 +1784,13 @@ def knn_accuracy(train_features, train_labels, val_features, val_labels, k=200, 
     return (predictions == val_labels).float().mean().item() * 100
 
 
-def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=None, memory_format=None):
+def knn_monitor(backbone, train_loader, val_loader, image_size, autocast_dtype=None,
+                memory_format=None):
     """kNN top-1 (%) of res5 features: bank = train set, queries = val set."""
-    bank, bank_labels = extract_features(backbone, train_loader, image_size, "res5", autocast_dtype, memory_format)
-    queries, query_labels = extract_features(backbone, val_loader, image_size, "res5", autocast_dtype, memory_format)
+    bank, bank_labels = extract_features(backbone, train_loader, image_size, "res5",
+                                         autocast_dtype, memory_format)
+    queries, query_labels = extract_features(backbone, val_loader, image_size, "res5",
+                                             autocast_dtype, memory_format)
     return knn_accuracy(bank, bank_labels, queries, query_labels)
 
 
