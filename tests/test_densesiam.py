@@ -31,8 +31,10 @@ def test_d1_ce_similarity():
 def test_d2_self_label_loss():
     torch.manual_seed(0)
     p1, z2 = torch.randn(2, 27, 5, 5), torch.randn(2, 27, 5, 5)
-    assert densesiam.self_label_loss(p1, z2, rebalance=False).item() == pytest.approx(3.691272, abs=1e-5)
-    assert densesiam.self_label_loss(p1, z2, rebalance=True).item() == pytest.approx(0.200133, abs=1e-5)
+    plain = densesiam.self_label_loss(p1, z2, rebalance=False).item()
+    rebalanced = densesiam.self_label_loss(p1, z2, rebalance=True).item()
+    assert plain == pytest.approx(3.691272, abs=1e-5)
+    assert rebalanced == pytest.approx(0.200133, abs=1e-5)
 
 
 def test_d3_auto_weights():
@@ -43,7 +45,7 @@ def test_d3_auto_weights():
 
 def test_d4_region_term_by_hand():
     torch.manual_seed(3)
-    batch, regions, channels, dim = 2, 4, 5, 3
+    batch, regions, channels = 2, 4, 5
     logits1, logits2 = torch.randn(batch, regions, 3, 3), torch.randn(batch, regions, 3, 3)
     feats1, feats2 = torch.randn(batch, channels, 3, 3), torch.randn(batch, channels, 3, 3)
     # Eq. 4 by hand: e[b, n] = sum over pixels of softmax_n(logits)[b, :, pixel] * feats[b, :,
@@ -52,7 +54,8 @@ def test_d4_region_term_by_hand():
     masks = torch.softmax(logits1, dim=1)
     for b in range(batch):
         for n in range(regions):
-            by_hand = sum(masks[b, n, i, j] * feats1[b, :, i, j] for i in range(3) for j in range(3))
+            by_hand = sum(masks[b, n, i, j] * feats1[b, :, i, j]
+                          for i in range(3) for j in range(3))
             assert torch.allclose(e1[b, n], by_hand, atol=1e-5)
     # identity projector, no predictor (u = v = e): InfoNCE over the N x N region similarities, T =
     # 0.1, weight 0.1
@@ -63,7 +66,8 @@ def test_d4_region_term_by_hand():
         total = 0.0
         for b in range(batch):
             for n in range(regions):
-                sims = [float(F.cosine_similarity(u[b, n], v[b, m], dim=0)) / 0.1 for m in range(regions)]
+                sims = [float(F.cosine_similarity(u[b, n], v[b, m], dim=0)) / 0.1
+                        for m in range(regions)]
                 total += -(sims[n] - math.log(sum(math.exp(x) for x in sims)))
         return total / (batch * regions)
 
@@ -73,7 +77,8 @@ def test_d4_region_term_by_hand():
 
 def test_d5_replay_crop():
     def crop(s, a, b, size):
-        return tuple(int(v) for v in densesiam.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size))
+        crop = densesiam.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size)
+        return tuple(int(v) for v in crop)
 
     assert crop(0.75, 0.3, 0.6, 640) == (480, 48, 96)
     assert crop(0.75, 0.3, 0.6, 80) == (60, 6, 12)
@@ -97,7 +102,8 @@ def test_d6_grid_recipe():
     boxes_b, flips_b = torch.tensor([[0.4, 0.3, 0.9, 0.9]]), torch.tensor([True])
     inter, valid = densesiam.box_intersection(boxes_a, boxes_b)
     assert torch.allclose(inter, torch.tensor([[0.4, 0.3, 0.7, 0.8]])) and valid.all()
-    grid_a, grid_b, valid = densesiam.intersection_grids(boxes_a, flips_a, boxes_b, flips_b, grid_size=2)
+    grid_a, grid_b, valid = densesiam.intersection_grids(boxes_a, flips_a, boxes_b, flips_b,
+                                                         grid_size=2)
     expected_a = torch.tensor([[0.25, -0.25], [0.75, -0.25], [0.25, 0.583333], [0.75, 0.583333]])
     expected_b = torch.tensor([[0.70, -0.583333], [0.10, -0.583333], [0.70, 0.25], [0.10, 0.25]])
     assert torch.allclose(grid_a.view(4, 2), expected_a, atol=1e-5)
@@ -117,7 +123,8 @@ def coordinate_image(size):
     return torch.stack([xx, yy])[None]
 
 
-@pytest.mark.parametrize("flip1,flip2", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("flip1,flip2",
+                         [(False, False), (True, False), (False, True), (True, True)])
 def test_grid_points_map_to_same_original_pixels(flip1, flip2):
     size, out, grid_size = 64, 32, 7
     image = coordinate_image(size)
@@ -201,8 +208,10 @@ def test_pixsim_loss_values_and_stop_gradient():
     torch.manual_seed(0)
     z = torch.randn(2, 8, 3, 3)
     valid = torch.tensor([True, True])
-    assert densesiam.pixsim_loss(z, z, z, z, valid, "cosine").item() == pytest.approx(-1.0, abs=1e-6)
-    assert densesiam.pixsim_loss(z, -z, z, -z, valid, "cosine").item() == pytest.approx(1.0, abs=1e-6)
+    same = densesiam.pixsim_loss(z, z, z, z, valid, "cosine").item()
+    opposite = densesiam.pixsim_loss(z, -z, z, -z, valid, "cosine").item()
+    assert same == pytest.approx(-1.0, abs=1e-6)
+    assert opposite == pytest.approx(1.0, abs=1e-6)
     p = torch.randn(2, 8, 3, 3, requires_grad=True)
     target = torch.randn(2, 8, 3, 3, requires_grad=True)
     densesiam.pixsim_loss(p, target, p, target, valid, "ce").backward()
@@ -225,13 +234,15 @@ def test_hungarian_fallback_matches_brute_force_and_scipy():
     for n in (1, 2, 5, 6):
         cost = torch.randint(0, 20, (n, n)).double()
         fallback = common._hungarian_python(cost.tolist())
-        best = min(sum(cost[i, perm[i]] for i in range(n)) for perm in itertools.permutations(range(n)))
+        best = min(sum(cost[i, perm[i]] for i in range(n))
+                   for perm in itertools.permutations(range(n)))
         assert sorted(fallback) == list(range(n))
         assert sum(cost[i, fallback[i]] for i in range(n)) == best
     cost = torch.rand(27, 27).double()
     fallback = torch.tensor(common._hungarian_python(cost.tolist()))
     chosen = common.linear_assignment(cost)                             # scipy when installed
-    assert cost[torch.arange(27), fallback].sum().item() == pytest.approx(cost[torch.arange(27), chosen].sum().item())
+    rows = torch.arange(27)
+    assert cost[rows, fallback].sum().item() == pytest.approx(cost[rows, chosen].sum().item())
 
 
 def test_matched_segmentation_iou_perfect_permuted_prediction():
@@ -244,10 +255,12 @@ def test_matched_segmentation_iou_perfect_permuted_prediction():
     scores = common.matched_segmentation_iou(common.confusion_matrix(pred, target, num_classes),
                                              thing_classes=(0, 1))
     assert scores["miou"] == pytest.approx(1.0) and scores["pixel_acc"] == pytest.approx(1.0)
-    assert scores["miou_things"] == pytest.approx(1.0) and scores["miou_stuff"] == pytest.approx(1.0)
+    assert scores["miou_things"] == pytest.approx(1.0)
+    assert scores["miou_stuff"] == pytest.approx(1.0)
     assert torch.equal(scores["cluster_to_class"][permutation], torch.arange(num_classes))
     random_pred = torch.randint(0, num_classes, target.shape)
-    scores = common.matched_segmentation_iou(common.confusion_matrix(random_pred, target, num_classes))
+    confusion = common.confusion_matrix(random_pred, target, num_classes)
+    scores = common.matched_segmentation_iou(confusion)
     assert 0.0 <= scores["miou"] < 0.5 and 0.0 <= scores["pixel_acc"] <= 1.0
 
 
@@ -288,7 +301,8 @@ def test_things_and_stuff_miou_by_hand():
 def test_synthetic_segmentation_set():
     images, labels = common.make_synthetic_segmentation(6, image_size=32, seed=1)
     again, _ = common.make_synthetic_segmentation(6, image_size=32, seed=1)
-    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8 and torch.equal(images, again)
+    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, again)
     assert labels.shape == (6, 32, 32) and labels.min() >= 0 and labels.max() < 6
     assert (labels < 3).any() and (labels >= 3).any()                # things and stuff both present
 
@@ -296,7 +310,8 @@ def test_synthetic_segmentation_set():
 def test_fpn_decoder_shape():
     decoder = densesiam.FPNDecoder({"res2": 64, "res3": 128, "res4": 256, "res5": 512}, dim=16)
     feats = {name: torch.randn(2, c, 32 // s, 32 // s)
-             for name, c, s in (("res2", 64, 4), ("res3", 128, 8), ("res4", 256, 16), ("res5", 512, 32))}
+             for name, c, s in (("res2", 64, 4), ("res3", 128, 8), ("res4", 256, 16),
+                                ("res5", 512, 32))}
     assert decoder(feats).shape == (2, 16, 8, 8)
 
 
@@ -305,10 +320,12 @@ def test_grid_points_agree_through_common_augment():
     pixel in both views."""
     size, out = 64, 48
     coords = torch.round(coordinate_image(size) * 255) / 255
-    image = (torch.cat([coords, torch.zeros(1, 1, size, size)], 1) * 255).round().to(torch.uint8).expand(16, -1, -1, -1)
+    image = torch.cat([coords, torch.zeros(1, 1, size, size)], 1)
+    image = (image * 255).round().to(torch.uint8).expand(16, -1, -1, -1)
     recipe = dataclasses.replace(common.GEOMETRY_ONLY, crop_scale=(0.3, 1.0))
     generator = torch.Generator().manual_seed(0)
-    (view1, boxes1, flips1), (view2, boxes2, flips2) = (common.augment(image, recipe, out, generator) for _ in range(2))
+    (view1, boxes1, flips1), (view2, boxes2, flips2) = (
+        common.augment(image, recipe, out, generator) for _ in range(2))
     assert flips1.any() and (~flips1).any()
     mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
@@ -323,7 +340,8 @@ def test_grid_points_agree_through_common_augment():
 # --------------------------------------------------------------------------------------------------
 # Models: RegionSim switch, loss weights, seg forward/eval
 # --------------------------------------------------------------------------------------------------
-SMALL = dict(proj_dim=32, pred_hidden=16, dense_dim=8, dense_pred_hidden=8, region_dim=16, grid_size=3)
+SMALL = dict(proj_dim=32, pred_hidden=16, dense_dim=8, dense_pred_hidden=8, region_dim=16,
+             grid_size=3)
 
 
 def test_regionsim_inactive_before_start_and_weights_applied():
@@ -336,13 +354,15 @@ def test_regionsim_inactive_before_start_and_weights_applied():
     flips = torch.tensor([False, True, False, True])
     grid1, grid2, valid = densesiam.intersection_grids(boxes1, flips, boxes2, ~flips, cfg.grid_size)
     assert valid.tolist() == [True, True, True, False]
-    region_heads = list(model.region_projector.parameters()) + list(model.region_predictor.parameters())
+    region_heads = (list(model.region_projector.parameters())
+                    + list(model.region_predictor.parameters()))
     for step, expect_region in ((49, False), (50, True)):
         model.zero_grad(set_to_none=True)
         weight = densesiam.region_weight_at(step, 100, cfg.region_start, cfg.region_weight)
         outputs = model(views, (grid1, grid2), weight > 0)
         loss, terms = densesiam.densesiam_loss(outputs, valid, cfg.dense_weight, weight, cfg)
-        expected = terms["loss_sim"] + 0.7 * terms["loss_dense"] + (0.3 * terms["loss_region"] if expect_region else 0.0)
+        expected = (terms["loss_sim"] + 0.7 * terms["loss_dense"]
+                    + (0.3 * terms["loss_region"] if expect_region else 0.0))
         assert ("loss_region" in terms) == expect_region
         assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
         loss.backward()
@@ -367,22 +387,26 @@ def test_seg_loss_weights_and_alignment():
     assert outputs[0]["z"].shape == (2, 4, 8, 8) and outputs[0]["aux_z"].shape == (2, 6, 8, 8)
     loss, terms = densesiam.seg_loss(outputs, 0.1, cfg)
     w_dense, w_aux = densesiam.auto_loss_weights(4, 6)
-    expected = w_dense * terms["loss_dense"] + w_aux * terms["loss_aux"] + terms["loss_seg"] + 0.1 * terms["loss_region"]
+    expected = (w_dense * terms["loss_dense"] + w_aux * terms["loss_aux"] + terms["loss_seg"]
+                + 0.1 * terms["loss_region"])
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     # identical views and the whole-image box without flip: both feature maps are the same map
     model.eval()
     with torch.no_grad():
-        first, second = model([images, images], (boxes[:1].expand(2, 4), torch.tensor([False, False])),
-                              False)
+        first, second = model([images, images],
+                              (boxes[:1].expand(2, 4), torch.tensor([False, False])), False)
     assert torch.allclose(first["z"], second["z"], atol=1e-5)
 
 
 def test_seg_crop_boxes_are_squares_inside_the_image():
-    boxes, flips = densesiam.seg_crop_boxes(64, 640, (0.5, 1.0), torch.Generator().manual_seed(0), "cpu")
+    boxes, flips = densesiam.seg_crop_boxes(64, 640, (0.5, 1.0), torch.Generator().manual_seed(0),
+                                            "cpu")
     sides = boxes[:, 2] - boxes[:, 0]
-    assert torch.allclose(sides, boxes[:, 3] - boxes[:, 1]) and (sides >= 0.5 - 1e-6).all() and (sides <= 1).all()
+    assert torch.allclose(sides, boxes[:, 3] - boxes[:, 1])
+    assert (sides >= 0.5 - 1e-6).all() and (sides <= 1).all()
     assert (boxes >= 0).all() and (boxes <= 1).all() and flips.any() and (~flips).any()
-    assert torch.allclose(boxes * 640, (boxes * 640).round(), atol=1e-3)   # whole pixels of the input, as released
+    # whole pixels of the input, as released
+    assert torch.allclose(boxes * 640, (boxes * 640).round(), atol=1e-3)
 
 
 def test_seg_blur_sigma_is_the_released_pixels_at_640():
@@ -461,7 +485,8 @@ def test_seg_evaluation_returns_fractions():
     images, labels = common.make_synthetic_segmentation(4, 64, seed=0, num_things=1, num_stuff=3)
     loader = common.TensorLoader(images, labels, 2, 0, 1, 0, shuffle=False, drop_last=False)
     scores = densesiam.evaluate_segmentation(model, loader, 4, 1, 32)
-    assert all(0.0 <= scores[key] <= 1.0 for key in ("miou", "pixel_acc", "miou_things", "miou_stuff"))
+    assert all(0.0 <= scores[key] <= 1.0
+               for key in ("miou", "pixel_acc", "miou_things", "miou_stuff"))
     assert model.training                                           # evaluation restores train mode
 
 
@@ -472,12 +497,15 @@ def test_seg_folder_layout(tmp_path):
         (tmp_path / "images" / split).mkdir(parents=True)
         (tmp_path / "labels" / split).mkdir(parents=True)
         for i in range(2):
-            Image.new("RGB", (48, 40), (40 * i, 90, 160)).save(tmp_path / "images" / split / f"im{i}.jpg")
+            image = Image.new("RGB", (48, 40), (40 * i, 90, 160))
+            image.save(tmp_path / "images" / split / f"im{i}.jpg")
             label = torch.zeros(40, 48, dtype=torch.uint8)
             label[:, 24:] = 2
             label[0, 0] = 255
-            Image.fromarray(label.numpy(), mode="L").save(tmp_path / "labels" / split / f"im{i}.png")
-    dataset = common.SegmentationPairs(common.segmentation_pairs(tmp_path, "train", "cocostuff"), 32)
+            Image.fromarray(label.numpy(), mode="L").save(
+                tmp_path / "labels" / split / f"im{i}.png")
+    pairs = common.segmentation_pairs(tmp_path, "train", "cocostuff")
+    dataset = common.SegmentationPairs(pairs, 32)
     image, label = dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label.shape == (32, 32)
     assert set(label.unique().tolist()) <= {0, 2, 255}
@@ -489,11 +517,13 @@ def test_seg_folder_layout(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Command line, DDP, short runs
 # --------------------------------------------------------------------------------------------------
-TINY = ["--synthetic-size", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--log-every", "1",
-        "--proj-dim", "32", "--pred-hidden", "16", "--dense-dim", "8", "--dense-pred-hidden", "8", "--region-dim", "16",
-        "--grid-size", "3", "--region-start", "0.5", "--knn-every", "0"]
-TINY_SEG = ["--task", "seg", "--synthetic-size", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-            "--log-every", "1", "--fpn-dim", "16", "--num-aux-classes", "8", "--region-start", "0.5"]
+TINY = ["--synthetic-size", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+        "--log-every", "1", "--proj-dim", "32", "--pred-hidden", "16", "--dense-dim", "8",
+        "--dense-pred-hidden", "8", "--region-dim", "16", "--grid-size", "3",
+        "--region-start", "0.5", "--knn-every", "0"]
+TINY_SEG = ["--task", "seg", "--synthetic-size", "16", "--image-size", "32", "--batch-size", "8",
+            "--epochs", "1", "--log-every", "1", "--fpn-dim", "16", "--num-aux-classes", "8",
+            "--region-start", "0.5"]
 
 DDP_SCRIPT = """
 import sys
@@ -503,11 +533,13 @@ import common
 import densesiam
 
 dist = common.setup_distributed("cpu")
-for mode, args in (("pretrain", {pretrain!r}), ("seg", {seg!r})):   # one launch, both modes, one process group
+# one launch, both modes, one process group
+for mode, args in (("pretrain", {pretrain!r}), ("seg", {seg!r})):
     cfg = densesiam.parse_config(args + ["--out", f"{{sys.argv[1]}}/{{mode}}", "--device", "cpu"])
     densesiam.check_config(cfg, dist.world_size)
     result = densesiam.train(cfg, dist)
-    torch.save(dict(model=result["model"].state_dict(), step=result["step"]), f"{{cfg.out}}/rank{{dist.rank}}.pt")
+    torch.save(dict(model=result["model"].state_dict(), step=result["step"]),
+               f"{{cfg.out}}/rank{{dist.rank}}.pt")
 common.cleanup_distributed()
 """
 
@@ -517,21 +549,25 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     mid-run."""
     script = tmp_path / "ddp_densesiam.py"
     script.write_text(DDP_SCRIPT.format(root=ROOT, pretrain=TINY, seg=TINY_SEG))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=240)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for mode in ("pretrain", "seg"):
-        states = [torch.load(tmp_path / mode / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+        states = [torch.load(tmp_path / mode / f"rank{rank}.pt", weights_only=True)
+                  for rank in range(2)]
         assert states[0]["step"] == states[1]["step"] == 2               # 16 images, global batch 8
         records = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
         assert [r["region_weight"] for r in records if "loss" in r] == [0.0, 0.1], mode
-        names = [n for n, v in states[0]["model"].items() if v.is_floating_point() and "running" not in n]
+        names = [n for n, v in states[0]["model"].items()
+                 if v.is_floating_point() and "running" not in n]
         assert any(n.startswith("region_projector") for n in names)
         for name in names:
-            assert torch.equal(states[0]["model"][name], states[1]["model"][name]), f"{mode}: {name} differs"
-    assert "miou" in records[0] and 0.0 <= records[-1]["miou"] <= 1.0   # seg: evaluated at init and at the end
+            assert torch.equal(states[0]["model"][name], states[1]["model"][name]), \
+                f"{mode}: {name} differs"
+    # seg: evaluated at init and at the end
+    assert "miou" in records[0] and 0.0 <= records[-1]["miou"] <= 1.0
 
 
 def test_resume_reaches_the_same_weights_bitwise(tmp_path):
@@ -548,9 +584,10 @@ def test_resume_reaches_the_same_weights_bitwise(tmp_path):
 def test_seg_short_training_beats_initialisation(tmp_path):
     """Seg mode on the built-in set: mIoU after a short CPU run beats the same network's mIoU at
     initialisation."""
-    result = densesiam.main(["--task", "seg", "--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "128",
-                             "--image-size", "32", "--batch-size", "16", "--epochs", "3", "--eval-every", "0",
-                             "--base-lr", "0.4", "--log-every", "8"])
+    result = densesiam.main(["--task", "seg", "--out", str(tmp_path), "--device", "cpu",
+                             "--synthetic-size", "128", "--image-size", "32", "--batch-size", "16",
+                             "--epochs", "3", "--eval-every", "0", "--base-lr", "0.4",
+                             "--log-every", "8"])
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     miou = [r["miou"] for r in records if "miou" in r]
     assert result["scores"]["miou"] == pytest.approx(miou[-1], abs=1e-6)
@@ -568,7 +605,8 @@ def test_seg_short_training_beats_initialisation(tmp_path):
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        densesiam.main(["--out", str(tmp_path), "--device", "cpu", "--epochs", "1", "--synthetic-size", "16"] + args)
+        densesiam.main(["--out", str(tmp_path), "--device", "cpu", "--epochs", "1",
+                        "--synthetic-size", "16"] + args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
