@@ -77,8 +77,8 @@ def test_d4_region_term_by_hand():
 
 def test_d5_replay_crop():
     def crop(s, a, b, size):
-        crop = densesiam.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size)
-        return tuple(int(v) for v in crop)
+        box = densesiam.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size)
+        return tuple(int(v) for v in box)
 
     assert crop(0.75, 0.3, 0.6, 640) == (480, 48, 96)
     assert crop(0.75, 0.3, 0.6, 80) == (60, 6, 12)
