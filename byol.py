@@ -12,9 +12,9 @@ keep the representation from collapsing.
     xi <- tau xi + (1 - tau) theta,          tau(k) = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
 
 NOTE: the CPU default trains the predictor at 10x the lr (--predictor-lr-mult 10; the presets keep
-the paper's 1x). BYOL argues that the predictor should stay near-optimal for the current target. On
-an earlier draw of the built-in data, 120 steps at 1x lowered the kNN accuracy below random init
-(68.6 -> 61.9 %) and at 10x raised it (68.6 -> 74.4 %).
+the paper's 1x). BYOL argues that the predictor should stay near-optimal for the current target; in
+a 120-step CPU run it has little time to catch up. README "What the CPU defaults show" has the runs
+behind this choice and what they do not show.
 
 This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.py, lewel.py and
 mcl.py copy its skeleton (config -> model -> loss -> train loop -> main) and differ only where the

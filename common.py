@@ -1028,13 +1028,13 @@ def make_synthetic(num_images, image_size=64, seed=0, num_classes=10, with_masks
     pixel noise. So the variation within a class is the kind of variation the SSL augmentations
     produce, which is what SSL pretraining learns to ignore. Deterministic from `seed`. kNN top-1 of
     the frozen random-init ResNet-18 (ImageNet stem, 32 px): 66.4 % (val = the 512 images after the
-    2,560 training ones); the default `python byol.py` run lifts it to 73.8 % (README).
-    NOTE: an earlier version drew one of 10 shapes on randomly coloured backgrounds (random-init kNN
-    14 %); 120 to 480 BYOL steps never lifted its kNN above random init, as every instance cue there
-    (colour) is label-free. Returns (images N x 3 x S x S uint8, labels N int64); with_masks=True
-    adds per-pixel labels N x S x S int64 (SYNTHETIC_PARTS: 0 background, 1 bar, 2 disc), cut from
-    each scene's part map with the image's own crop and flip. The images are the same with or
-    without them (the masks take no random draws).
+    2,560 training ones). NOTE: the scenes are fixed per class so that the instance cues BYOL can
+    learn (layout, shapes) carry the label; random colours per image would make colour, which
+    carries none, the easiest cue.
+    Returns (images N x 3 x S x S uint8, labels N int64); with_masks=True adds per-pixel labels
+    N x S x S int64 (SYNTHETIC_PARTS: 0 background, 1 bar, 2 disc), cut from each scene's part map
+    with the image's own crop and flip. The images are the same with or without them (the masks
+    take no random draws).
     """
     generator = torch.Generator().manual_seed(seed)
     scenes, parts = zip(*(_scene(2 * image_size, generator) for _ in range(num_classes)))
