@@ -61,7 +61,7 @@ class Config:
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
-    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes batches
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes them
     crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08
                                      # (too small a piece of a 32-px image)
     # model
@@ -69,7 +69,7 @@ class Config:
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
     hidden_dim: int = 4096           # projector/predictor hidden width; paper: 4096
     proj_dim: int = 256              # projection width; paper: 256
-    sync_bn: bool = True             # SyncBN across processes (CUDA only); paper: cross-replica BN
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: yes
     # dense branch (Eq. 7)
     dense_hidden_dim: int = 4096     # 1x1-conv projector/predictor hidden width; paper: not stated
                                      # (BYOL's 4096)

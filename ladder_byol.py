@@ -80,7 +80,7 @@ class Config:
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
-    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes batches
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes them
     crop_min_scale: float = 0.25     # smallest random-resized-crop area; paper: 0.08
                                      # (too small a piece of a 32-px image)
     # model
@@ -90,7 +90,7 @@ class Config:
                                      # (intermediate stages: not stated)
     proj_dim: int = 256              # projection width, every stage; paper: 256
                                      # (intermediate stages: not stated)
-    sync_bn: bool = True             # SyncBN across processes (CUDA only); paper: cross-replica BN
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: yes
     # ladder (Eq. 4-7)
     w: float = 0.5                   # Eq. 6 coefficient: res2..res4 get w/8, w/4, w/2; paper: 0.5
                                      # (Table 6 also 0.25, 1)

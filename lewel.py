@@ -74,7 +74,7 @@ class Config:
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it)
     workers: int = 8                 # DataLoader workers per process (folder data only)
-    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes batches
+    gpu_decode: bool = False         # folder data: workers read JPEG bytes, the GPU decodes them
     crop_min_scale: float = 0.25     # smallest random-resized-crop area; LEWEL code, MoCo v2: 0.2
                                      # (BYOL: 0.08)
     # model
