@@ -202,9 +202,9 @@ def table(curves, seconds):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    command = sys.argv[1:] if argv is None else argv  # the whole line, for the table's header
+    own = command[:command.index("--")] if "--" in command else command
+    extra = command[command.index("--") + 1:] if "--" in command else []  # byol.py's flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="synthetic",
@@ -223,7 +223,7 @@ def main(argv=None):
     parser.add_argument("--report", help="also write the table to this Markdown file")
     parser.add_argument("--make-digits", metavar="DIR",
                         help="write the digits image folder to DIR and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(own)
     if args.make_digits:
         return make_digits(args.make_digits)
     size = args.synthetic_size
@@ -238,7 +238,7 @@ def main(argv=None):
         start = time.time()
         curves[name] = [runner(int(seed)) for seed in args.seeds.split(",")]
         seconds[name] = (time.time() - start) / len(curves[name])
-    text = (f"`python compare_lightly.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
+    text = (f"`python compare_lightly.py {' '.join(command)}`: "
             f"data {args.data}, {args.epochs} epochs, seeds {args.seeds}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
             + table(curves, seconds))

@@ -33,3 +33,13 @@ def test_our_side_runs_byol_with_the_passed_flags_and_reads_its_knn_curve():
 def test_peer_side_trains_and_scores_with_the_same_monitor():
     curve = compare_lightly.run_peer("synthetic", 1, 1, 0, batch_size=64, synthetic_size=128)
     assert sorted(curve) == [0, 1] and all(0 <= value <= 100 for value in curve.values())
+
+
+def test_report_header_repeats_the_whole_command_with_byol_flags(tmp_path):
+    report = tmp_path / "table.md"
+    command = ["--data", "synthetic", "--epochs", "1", "--knn-every", "1", "--seeds", "0",
+               "--synthetic-size", "32", "--only", "ours", "--report", str(report), "--", *TINY]
+    curves = compare_lightly.main(command)
+    header = report.read_text().splitlines()[0]
+    assert header.startswith(f"`python compare_lightly.py {' '.join(command)}`"), header
+    assert list(curves) == ["ours"] and sorted(curves["ours"][0]) == [0, 1]
