@@ -80,33 +80,26 @@ def view_alignment_gap(backbone, images, seed=0):
     return (similarity.diagonal().mean() - off_diagonal).item()
 
 
-def test_short_training_learns_view_invariance(tmp_path):
-    """A real run on the built-in data: after training, two views of one image are closer (relative
-    to views of different images) than they are under the random-init backbone, and the loss went
-    down."""
-    args = ["--out", str(tmp_path), "--device", "cpu", "--synthetic-size", "512", "--epochs", "2",
-            "--batch-size", "64", "--knn-every", "0", "--log-every", "4", "--hidden-dim", "512"]
-    result = byol.main(args)
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")
-              if '"loss"' in line]
+@pytest.mark.all_threads
+def test_default_run_beats_random_init_on_knn(tmp_path):
+    """The README's quick start, as is (about 3.5 minutes on 2 cores): `python byol.py` on the
+    built-in data lifts the kNN top-1 of the frozen backbone clearly above its random-init value
+    (two runs: 66.41 -> 70.51 and 66.41 -> 73.83 %), the loss goes down, and two views of one image
+    end closer, relative to views of different images, than under the random-init backbone
+    (measured gap 0.128 trained vs 0.027 at init)."""
+    result = byol.main(["--out", str(tmp_path), "--device", "cpu", "--knn-every", "6"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    knn = [row["knn_top1"] for row in rows if "knn_top1" in row]
+    assert len(knn) == 2
+    assert knn[1] > knn[0] + 3.0, knn
+    losses = [row["loss"] for row in rows if "loss" in row]
     assert losses[-1] < losses[0]
     torch.manual_seed(0)
-    random_init = byol.BYOL(byol.Config(hidden_dim=512)).backbone
+    random_init = byol.BYOL(byol.Config()).backbone
     images, _ = common.make_synthetic(128, 32, seed=99)
     trained_gap = view_alignment_gap(result["model"].backbone, images)
     random_gap = view_alignment_gap(random_init, images)
     assert trained_gap > 1.5 * random_gap > 0, (trained_gap, random_gap)
-
-
-@pytest.mark.all_threads
-def test_default_run_beats_random_init_on_knn(tmp_path):
-    """The README's quick start, as is (about 4 minutes on 2 cores): `python byol.py` on the
-    built-in data lifts the kNN top-1 of the frozen backbone clearly above its random-init value
-    (measured: 66.4 -> 73.8 %)."""
-    byol.main(["--out", str(tmp_path), "--device", "cpu", "--knn-every", "6"])
-    knn = [json.loads(line)["knn_top1"] for line in open(tmp_path / "metrics.jsonl")
-           if "knn_top1" in line]
-    assert len(knn) == 2 and knn[1] > knn[0] + 3.0, knn
 
 
 def run_cli(*args, cwd=ROOT):
