@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import common
-from common import InputError, print0
+from common import print0
 
 METHODS = ("byol", "ladder_byol", "dense_byol", "densesiam", "lewel", "mcl")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16: model-FLOP utilisation
@@ -187,19 +187,13 @@ def main(argv=None, steps=20, warmup=5, window=5):
         named = f"{argv[0]!r} is not a method file" if argv else "name the method to time"
         common.die(f"{named}: {usage}")
     method = importlib.import_module(argv[0])
-    try:
+    with common.main_errors():  # bad input: one line, exit 2; training failure: exit 3
         cfg = common.parse_config(method.Config, method.PRESETS, argv[1:])
         task = getattr(cfg, "task", "pretrain")  # densesiam.py's --task seg has a loop of its own
         common.check(task == "pretrain", f"benchmark.py times pretraining, not --task {task}")
         dist = common.setup_distributed(cfg.device or None)
         method.check_config(cfg, dist.world_size)
         return run_benchmark(method.train, cfg, dist, steps, warmup, window)
-    except InputError as error:
-        common.die(str(error))
-    except common.TrainingError as error:
-        common.die(str(error), code=3)
-    finally:
-        common.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import common
-from common import (InputError, augment, cosine_tau, ema_update, global_pool, lr_at, mlp, print0,
+from common import (augment, cosine_tau, ema_update, global_pool, lr_at, mlp, print0,
                     regression_loss)
 
 
@@ -319,19 +319,13 @@ def show(cfg, dist):
 
 
 def main(argv=None):
-    try:
+    with common.main_errors():  # bad input: one line, exit 2; training failure: exit 3
         cfg = common.parse_config(Config, PRESETS, argv)
         dist = common.setup_distributed(cfg.device or None)
         check_config(cfg, dist.world_size)
         if cfg.show:
             return show(cfg, dist)
         return train(cfg, dist)
-    except InputError as error:
-        common.die(str(error))
-    except common.TrainingError as error:
-        common.die(str(error), code=3)
-    finally:
-        common.cleanup_distributed()
 
 
 if __name__ == "__main__":

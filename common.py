@@ -20,6 +20,7 @@ method file's own.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -64,6 +65,20 @@ def die(message, code=2):
     """Print one clear line naming the problem and exit non-zero. Use only from main()."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def main_errors():
+    """main()'s one exit path: InputError -> one line, exit 2; TrainingError -> one line, exit 3;
+    the process group is destroyed however the body ends."""
+    try:
+        yield
+    except InputError as error:
+        die(str(error))
+    except TrainingError as error:
+        die(str(error), code=3)
+    finally:
+        cleanup_distributed()
 
 
 def _parse_value(text, kind, name):

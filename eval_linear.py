@@ -1183,14 +1183,10 @@ def write_report(cfg, rows, protocol, dist):
 
 
 def main(argv=None):
-    try:
+    with common.main_errors():  # bad input: one line, exit 2; training failure: exit 3
         cfg = common.parse_config(Config, {}, argv)
         dist = common.setup_distributed(cfg.device or None)
         return evaluate(cfg, dist)
-    except InputError as error:
-        common.die(str(error))
-    finally:
-        common.cleanup_distributed()
 
 
 if __name__ == "__main__":

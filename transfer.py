@@ -342,7 +342,7 @@ def export_detector(ckpt, detector, num_classes, path=None, seed=0):
 
 
 def main(argv=None):
-    try:
+    with common.main_errors():  # bad input: one line, exit 2; training failure: exit 3
         cfg = common.parse_config(Config, {}, argv)
         common.check(cfg.ckpt, "--ckpt is required")
         dist = common.setup_distributed(cfg.device or None)
@@ -353,12 +353,6 @@ def main(argv=None):
         if dist.is_main:
             return export_detector(cfg.ckpt, cfg.detector, cfg.num_classes, cfg.out, cfg.seed)
         return None
-    except InputError as error:
-        common.die(str(error))
-    except TrainingError as error:
-        common.die(str(error), code=3)
-    finally:
-        common.cleanup_distributed()
 
 
 if __name__ == "__main__":
