@@ -49,14 +49,12 @@ from common import (augment, conv_mlp, cosine_tau, dense_regression_loss, ema_up
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """DenseBYOL pretraining; --preset imagenet is the paper.
-
-    The defaults are sized for a 2-core CPU on the built-in data."""
+    """DenseBYOL pretraining. Defaults: a 2-core CPU, built-in data. --preset imagenet: paper."""
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
-    image_size: int = 40             # px of each view; paper: 224.
+    image_size: int = 40             # px of each augmented view; paper: 224.
                                      # NOTE: not byol.py's 32: res5 is 2 x 2, not 1 x 1
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it)
@@ -78,14 +76,15 @@ class Config:
     # optimisation
     epochs: int = 6                  # paper: 100 (Table 5); 6 keeps the CPU default run short
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
-    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.45
-                                     # (lr 7.2 at batch 4096)
-    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1e-6
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256;
+                                     # paper: 0.45 (lr 7.2 at batch 4096)
+    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN);
+                                     # paper: 1e-6
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
-    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: "as BYOL"
-                                     # (0.99 for 100-300 ep)
-    predictor_lr_mult: float = 10.0  # lr factor of every predictor; paper: 1 (presets).
-                                     # NOTE: 10 on CPU, see byol.py
+    tau_base: float = 0.99           # initial target momentum, cosine to 1;
+                                     # paper: "as BYOL" (0.99 for 100-300 ep)
+    predictor_lr_mult: float = 10.0  # predictor lr = this x the lr; paper: 1 (presets). See NOTE
+                                     # (every predictor). NOTE: 10 on CPU, see byol.py
     # run
     seed: int = 0
     out: str = "runs/dense_byol"     # checkpoints, metrics.jsonl
@@ -107,13 +106,14 @@ _IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_si
                  batch_size=4096, base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0,
                  tau_base=0.99, knn_every=10, workers=10, predictor_lr_mult=1.0)
 PRESETS = {
-    # Ladder paper Sec. 4.1 (its DenseBYOL baseline shares the Ladder recipe): LARS, batch 4096,
-    # lr 7.2, wd 1e-6, cosine; 100 epochs in Tables 4-5. NOTE: warmup and tau_base are not stated
-    # in the paper; these are BYOL's.
+    # The DenseBYOL baseline of Ladder Siamese Network (arXiv:2211.13844, Sec. 4.1, Tables 4-5):
+    # LARS, batch 4096, lr 7.2 (= 0.45 x 4096 / 256), wd 1e-6, cosine, the rest as BYOL; its
+    # runs: 100 epochs. NOTE: no warmup or tau_base is stated there; BYOL's 10 epochs
+    # and 0.99.
     "imagenet": dict(_IMAGENET, epochs=100),
     "imagenet-200ep": dict(_IMAGENET, epochs=200),
-    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px: res5 is 4 x 4); not a paper
-    # recipe.
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
+    # At 32 px res5 is 4 x 4.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32,
                     batch_size=512, epochs=200, base_lr=1.0, weight_decay=1e-6,
                     warmup_epochs=10.0, tau_base=0.99, knn_every=10, predictor_lr_mult=1.0),
@@ -219,8 +219,9 @@ def train(cfg, dist):
     ema_pairs = common.ema_pairs(target, model)
     predictor_lr_mults = {"predictor": cfg.predictor_lr_mult,
                           "dense_predictor": cfg.predictor_lr_mult}
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay, predictor_lr_mults),
-                            lr=peak_lr)
+    optimizer = common.LARS(
+        common.lars_param_groups(model, cfg.weight_decay, predictor_lr_mults),
+        lr=peak_lr)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt

@@ -66,16 +66,16 @@ from common import augment, crop_resize, global_pool, lr_at, print0
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """DenseSiam pretraining (SimSiam + PixSim + RegionSim); --task seg: unsupervised segmentation.
-    CPU-sized defaults; --preset imagenet is the paper, --task seg starts from the SEG values."""
-    task: str = "pretrain"           # pretrain | seg (Sec. 4); fields marked "seg:" serve seg only
+    """DenseSiam pretraining. Defaults: a 2-core CPU, built-in data. --preset imagenet: paper."""
+    task: str = "pretrain"           # pretrain | seg: unsupervised segmentation (Sec. 4), starting
+                                     # from the SEG values; fields marked "seg:" serve seg only
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
                                      # (seg: "synthetic" or a COCO-Stuff-27 folder, cocostuff.py)
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
-    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it;
-                                     # seg: a quarter)
-    image_size: int = 64             # px of each view; paper: 224. NOTE in the docstring
+    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+                                     # (seg: a quarter)
+    image_size: int = 64             # px of each augmented view; paper: 224. NOTE in the docstring
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it; seg: 2 x image_size)
     eval_size: int = 0               # seg: px the val set is scored at; 0 = image_size (paper: 320)
@@ -84,7 +84,8 @@ class Config:
     num_classes: int = 6             # seg: N = head channels = classes of the data; paper: 27
     num_things: int = 3              # seg: classes 0..num_things-1 are things; COCO-Stuff-27: 12
     # model
-    arch: str = "resnet18"           # resnet18 | resnet50 (paper; seg: resnet18)
+    arch: str = "resnet18"           # resnet18 | resnet50 (paper)
+                                     # (seg paper: resnet18)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
     init: str = ""                   # torchvision ResNet state_dict to start from; seg paper:
                                      # supervised ImageNet weights
@@ -109,8 +110,9 @@ class Config:
     # optimisation
     epochs: int = 4                  # paper: 200 on ImageNet (800 on COCO)
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 512
-    base_lr: float = 0.3             # lr = base_lr * batch_size / 256, SGD, cosine to 0 (seg:
-                                     # constant); paper: 0.05. NOTE in the docstring
+    base_lr: float = 0.3             # peak lr = base_lr * batch_size / 256;
+                                     # paper: 0.05. SGD, cosine to 0 (seg: constant).
+                                     # NOTE in the docstring
     weight_decay: float = 1e-4       # on every parameter, as SimSiam; paper: 1e-4
     momentum: float = 0.9            # SGD momentum; paper: 0.9
     warmup_epochs: float = 0.0       # linear lr warmup; paper/SimSiam: none
@@ -609,7 +611,7 @@ def seg_loss(outputs, region_weight, cfg):
 
 
 # --------------------------------------------------------------------------------------------------
-# Train loop (both tasks; --task seg: the FPN segmenter, its views, Eq. 8 and an mIoU monitor)
+# Train loop
 # --------------------------------------------------------------------------------------------------
 
 def make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size):
@@ -697,11 +699,14 @@ def train(cfg, dist):
     region_switches_on = cfg.region_weight > 0 and cfg.region_start > 0
     ddp_model = (DistributedDataParallel(model, find_unused_parameters=region_switches_on)
                  if dist.world_size > 1 else model)
-    online_forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+    online_forward = ddp_model
     common.compile_colour_ops(cfg.compile)  # --compile also fuses the colour-jitter ops
+    if cfg.compile:
+        online_forward = torch.compile(online_forward)
 
-    derived = dict(peak_lr=peak_lr, batch_per_rank=batch_per_rank, steps_per_epoch=steps_per_epoch,
-                   total_steps=total_steps, region_start_step=int(cfg.region_start * total_steps))
+    derived = dict(
+        peak_lr=peak_lr, batch_per_rank=batch_per_rank, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, region_start_step=int(cfg.region_start * total_steps))
     if seg:
         w_dense, w_aux = auto_loss_weights(cfg.num_classes, cfg.num_aux_classes)
         derived.update(load_size=load_size, eval_size=eval_size, dense_weight=round(w_dense, 6),
@@ -713,8 +718,9 @@ def train(cfg, dist):
     def save(epoch, reason):
         if dist.is_main:
             state = dict(method=method, config=common.config_dict(cfg), step=step, epoch=epoch,
-                         model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         rng=common.rng_state(), world_size=dist.world_size)
+                         model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), rng=common.rng_state(),
+                         world_size=dist.world_size)
             common.save_checkpoint(state, out / "last.pt")
             if reason == "keep":
                 common.save_checkpoint(state, out / f"ckpt_{epoch:04d}.pt")

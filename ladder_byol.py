@@ -69,9 +69,7 @@ from common import (STAGES, InputError, augment, conv_mlp, cosine_tau, dense_reg
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Ladder-BYOL / Ladder-DenseBYOL pretraining; --preset imagenet is the paper (Sec. 4.1).
-
-    The defaults are sized for a 2-core CPU on the built-in data."""
+    """Ladder-BYOL pretraining. Defaults: a 2-core CPU, built-in data. --preset imagenet: paper."""
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
@@ -86,10 +84,10 @@ class Config:
     # model
     arch: str = "resnet18"           # resnet18 | resnet50 (paper)
     stem: str = "imagenet"           # imagenet (7x7/2 + max-pool) | cifar (3x3/1, no pool)
-    hidden_dim: int = 4096           # projector/predictor hidden width, every stage; paper: 4096
-                                     # (intermediate stages: not stated)
-    proj_dim: int = 256              # projection width, every stage; paper: 256
-                                     # (intermediate stages: not stated)
+    hidden_dim: int = 4096           # projector/predictor hidden width; paper: 4096
+                                     # (at every stage; for res2..res4 the paper states none)
+    proj_dim: int = 256              # projection width; paper: 256
+                                     # (at every stage; for res2..res4 the paper states none)
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: yes
     # ladder (Eq. 4-7)
     w: float = 0.5                   # Eq. 6 coefficient: res2..res4 get w/8, w/4, w/2; paper: 0.5
@@ -105,14 +103,15 @@ class Config:
     # optimisation
     epochs: int = 6                  # paper: 100 and 200 (Table 1 also 400); 6: a short CPU run
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
-    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 0.45
-                                     # (lr 7.2 at batch 4096)
-    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN); paper: 1e-6
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256;
+                                     # paper: 0.45 (lr 7.2 at batch 4096)
+    weight_decay: float = 1.5e-6     # LARS weight decay (not on biases/BN);
+                                     # paper: 1e-6
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
-    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: "as BYOL"
-                                     # (0.99 for 100-300 ep)
-    predictor_lr_mult: float = 10.0  # lr factor of every predictor; paper: 1 (presets).
-                                     # NOTE: 10 on CPU, see byol.py
+    tau_base: float = 0.99           # initial target momentum, cosine to 1;
+                                     # paper: "as BYOL" (0.99 for 100-300 ep)
+    predictor_lr_mult: float = 10.0  # predictor lr = this x the lr; paper: 1 (presets). See NOTE
+                                     # (every predictor). NOTE: 10 on CPU, see byol.py
     # run
     seed: int = 0
     out: str = "runs/ladder_byol"    # checkpoints, metrics.jsonl
@@ -134,9 +133,10 @@ _IMAGENET = dict(crop_min_scale=0.08, arch="resnet50", stem="imagenet", image_si
                  batch_size=4096, base_lr=0.45, weight_decay=1e-6, warmup_epochs=10.0,
                  tau_base=0.99, knn_every=10, workers=10, predictor_lr_mult=1.0)
 PRESETS = {
-    # Sec. 4.1: LARS, batch 4096, lr 7.2 (= 0.45 * 4096 / 256), wd 1e-6, cosine, 100 / 200 epochs;
-    # the rest as BYOL (10 warmup epochs, tau_base 0.99). NOTE: the paper does not state warmup or
-    # tau_base; these are BYOL's.
+    # Ladder-BYOL and Ladder-DenseBYOL of Ladder Siamese Network (arXiv:2211.13844, Sec. 4.1):
+    # LARS, batch 4096, lr 7.2 (= 0.45 x 4096 / 256), wd 1e-6, cosine, the rest as BYOL; its
+    # runs: 100 and 200 epochs. NOTE: no warmup or tau_base is stated there; BYOL's 10 epochs
+    # and 0.99.
     "imagenet": dict(_IMAGENET, epochs=200),                        # Ladder-BYOL: Tables 1-4, 6
     "imagenet-100ep": dict(_IMAGENET, epochs=100),                  # Tables 1, 5, 6
     "imagenet-400ep": dict(_IMAGENET, epochs=400),                  # Table 1, 400-epoch row
@@ -353,8 +353,9 @@ def train(cfg, dist):
     ema_pairs = common.ema_pairs(target, model)
     predictor_lr_mults = {"predictor": cfg.predictor_lr_mult,
                           "dense_predictor": cfg.predictor_lr_mult}
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay, predictor_lr_mults),
-                            lr=peak_lr)
+    optimizer = common.LARS(
+        common.lars_param_groups(model, cfg.weight_decay, predictor_lr_mults),
+        lr=peak_lr)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
@@ -452,7 +453,8 @@ def train(cfg, dist):
                 images_per_s, data_wait = timer.rate()
                 bar.set_postfix(loss=f"{values['loss']:.4f}",
                                 **{s: f"{values[f'loss_{s}']:.3f}" for s in stage_losses},
-                                lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
+                                lr=f"{lr:.3g}", tau=f"{tau:.4f}",
+                                img_s=f"{images_per_s:.0f}")
                 log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau,
                           images_per_s=images_per_s, data_wait=data_wait)
             if checkpoint_now and not at_epoch_end:

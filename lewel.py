@@ -59,17 +59,12 @@ from common import augment, cosine_tau, ema_update, lr_at, mlp, print0, regressi
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """LEWEL pretraining (CPU-sized LEWEL_B); --preset moco is LEWEL_M; imagenet presets = paper.
-
-    The defaults are sized for a 2-core CPU. --variant picks the losses only; the recipe (optimiser
-    settings, heads, momentum) comes from the fields, so LEWEL_M runs use a moco preset, which sets
-    variant=moco together with MoCo v2's numbers.
-    """
+    """LEWEL pretraining. Defaults: a 2-core CPU on the built-in data. --preset imagenet: paper."""
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
     synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
-    image_size: int = 40             # px of each view; paper: 224.
+    image_size: int = 40             # px of each augmented view; paper: 224.
                                      # NOTE: not 32: res5 is 1x1 up to 32 px (no maps), 2x2 at 40
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it)
@@ -83,7 +78,8 @@ class Config:
     hidden_dim: int = 1024           # width of g, p, q, s; paper: 4096 (B), 2048 (M).
                                      # NOTE: CPU-sized, p and s see 64 rows/image
     proj_dim: int = 256              # d = g's outputs = alignment maps = c; paper: 256 (B), 128 (M)
-    sync_bn: bool = False            # SyncBN (CUDA only); official: off (EMAN runs), on (400 ep)
+    sync_bn: bool = False            # SyncBatchNorm across processes (CUDA only); official: off
+                                     # (EMAN runs), on (400 ep)
     # method
     variant: str = "byol"            # byol = LEWEL_B (Eq. 5, EMA target) |
                                      # moco = LEWEL_M (Eq. 4, queue, key encoder)
@@ -127,6 +123,9 @@ class Config:
 # heads, fixed key momentum 0.999, no warmup. NOTE: with both InfoNCE directions summed
 # (lewel_m_loss) a step at lr 0.06 is ~4x MoCo v2's one-direction step at 0.03 (weight decay 2x);
 # --base-lr 0.03 halves both.
+# The defaults are CPU-sized LEWEL_B; --preset moco is LEWEL_M on the CPU. --variant picks the
+# losses only; the recipe (optimiser settings, heads, momentum) comes from the fields, so LEWEL_M
+# runs use a moco preset, which sets variant=moco together with MoCo v2's numbers.
 MOCO = dict(variant="moco", hidden_dim=2048, proj_dim=128, base_lr=0.06, weight_decay=1e-4,
             warmup_epochs=0.0, tau_base=0.999)
 
@@ -178,8 +177,8 @@ PRESETS = {
     # has 240 steps and 0.999^240 = 0.79, so a 0.999 key encoder would still be 79 % its random
     # initialisation at the end.
     "moco": dict(MOCO, tau_base=0.99),
-    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px: res5 is 4x4); not a paper
-    # recipe.
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
+    # At 32 px res5 is 4x4.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32,
                     batch_size=512, epochs=200, base_lr=1.0, weight_decay=1e-6,
                     warmup_epochs=10.0, tau_base=0.99, knn_every=10),

@@ -62,9 +62,7 @@ from common import augment, cosine_tau, ema_update, lr_at, mlp, print0
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """MCL pretraining; --preset imagenet is the paper.
-
-    The defaults are sized for a 2-core CPU on the built-in data."""
+    """MCL pretraining. Defaults: a 2-core CPU on the built-in data. --preset imagenet: paper."""
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
@@ -83,7 +81,7 @@ class Config:
     head_convs: int = 4              # 3x3 conv + BN + ReLU layers of the region head; paper: 4
     hidden_dim: int = 2048           # hidden width of the head MLP and the predictors; paper: 2048
     proj_dim: int = 256              # embedding width; paper: 256
-    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: SyncBN
+    sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only); paper: yes
     # method
     mode: str = "a"                  # matching mode a|b|c|d (Sec. 3.3); paper/official default: a
     level_weights: tuple = (0.5, 0.25, 0.125, 0.125)  # w_s; length = levels (<= 4); paper: none
@@ -92,13 +90,16 @@ class Config:
     # optimisation
     epochs: int = 8                  # paper: 100
     batch_size: int = 128            # GLOBAL batch over all processes; paper: 4096
-    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256; paper: 1.0
+    base_lr: float = 1.0             # peak lr = base_lr * batch_size / 256;
+                                     # paper: 1.0
     final_lr: float = 1e-4           # lr at the end of the cosine; official config: 1e-4 (absolute)
-    weight_decay: float = 1e-5       # LARS weight decay (not on biases/BN); paper: 1e-5
+    weight_decay: float = 1e-5       # LARS weight decay (not on biases/BN);
+                                     # paper: 1e-5
     lars_form: str = "openselfsup"   # LARS update rule: openselfsup = official code | optax (BYOL);
                                      # openselfsup keeps the lr inside the momentum buffer
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
-    tau_base: float = 0.99           # initial target momentum, cosine to 1; paper: 0.99
+    tau_base: float = 0.99           # initial target momentum, cosine to 1;
+                                     # paper: 0.99
     # run
     seed: int = 0
     out: str = "runs/mcl"            # checkpoints, metrics.jsonl
@@ -130,8 +131,8 @@ PRESETS = {
     # warmup is "the first 10 epochs" in the paper; the official config counts it in iterations
     # (3127 = 10 ImageNet epochs = ~53 COCO epochs at batch 4096). We follow the paper's text.
     "coco": dict(_PAPER, epochs=530, knn_every=50),
-    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px: P5 is 4x4, every tile 4x4
-    # cells); not a paper recipe.
+    # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
+    # At 32 px P5 is 4x4, every tile 4x4 cells.
     "cifar10": dict(data="cifar10", arch="resnet18", stem="cifar", image_size=32,
                     batch_size=512, epochs=200, base_lr=1.0, weight_decay=1e-5,
                     warmup_epochs=10.0, tau_base=0.99, fpn_dim=256, knn_every=10),
@@ -426,7 +427,7 @@ def embed(net, stack, counts, geometry, levels):
 
 
 # --------------------------------------------------------------------------------------------------
-# Loss: multi-level InfoNCE (Eq. 2) with the four matching modes of Sec. 3.3 / Fig. 3
+# Loss
 # --------------------------------------------------------------------------------------------------
 
 def matching_pairs(mode, num_levels):
@@ -546,10 +547,11 @@ def train(cfg, dist):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
-    # NOTE: the official code's LARS form (lr inside the momentum buffer), not byol.py's optax form;
-    # --lars-form optax
-    optimizer = common.LARS(common.lars_param_groups(model, cfg.weight_decay), lr=peak_lr,
-                            form=cfg.lars_form)
+    # NOTE: the official code's LARS form (lr inside the momentum buffer), not byol.py's optax form
+    # (--lars-form optax).
+    optimizer = common.LARS(
+        common.lars_param_groups(model, cfg.weight_decay),
+        lr=peak_lr, form=cfg.lars_form)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
@@ -677,7 +679,8 @@ def show(cfg, dist):
     from a map of pixel coordinates)."""
     images, generator = common.show_batch(cfg, dist)
     recipes = [dataclasses.replace(recipe, crop_scale=(cfg.crop_min_scale, 1.0),
-                                   interpolation="bilinear") for recipe in common.BYOL_VIEWS]
+                                   interpolation="bilinear")
+               for recipe in common.BYOL_VIEWS]
     counts, crops = montage_counts(len(images), cfg.level_copies), []
     stacks, tile_ids = make_inputs(images, recipes, cfg, counts, generator,
                                    torch.contiguous_format, crops)
