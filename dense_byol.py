@@ -53,7 +53,7 @@ class Config:
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
-    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    synthetic_size: int = 2560       # images in the built-in training set (val: as many again)
     image_size: int = 40             # px of each augmented view; paper: 224.
                                      # NOTE: not byol.py's 32: res5 is 2 x 2, not 1 x 1
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size

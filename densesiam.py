@@ -73,7 +73,7 @@ class Config:
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
                                      # (seg: "synthetic" or a COCO-Stuff-27 folder, cocostuff.py)
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
-    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    synthetic_size: int = 2560       # images in the built-in training set (val: as many again)
                                      # (seg: a quarter)
     image_size: int = 64             # px of each augmented view; paper: 224. NOTE in the docstring
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size

@@ -63,7 +63,7 @@ class Config:
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
-    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    synthetic_size: int = 2560       # images in the built-in training set (val: as many again)
     image_size: int = 40             # px of each augmented view; paper: 224.
                                      # NOTE: not 32: res5 is 1x1 up to 32 px (no maps), 2x2 at 40
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size

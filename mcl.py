@@ -66,7 +66,7 @@ class Config:
     # data
     data: str = "synthetic"          # "synthetic", "cifar10", ImageNet layout, or any image folder
     val_data: str = ""               # labelled set for the kNN monitor ("" = --data if labelled)
-    synthetic_size: int = 2560       # images in the built-in training set (val is a fifth of it)
+    synthetic_size: int = 2560       # images in the built-in training set (val: as many again)
     image_size: int = 32             # px of each augmented view and montage; paper: 224
     load_size: int = 0               # px of the square decoded before cropping; 0 = image_size
                                      # (folders: 256/224 of it)
