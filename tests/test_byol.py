@@ -81,17 +81,19 @@ def view_alignment_gap(backbone, images, seed=0):
 
 
 @pytest.mark.all_threads
-def test_default_run_beats_random_init_on_knn(tmp_path):
-    """The README's quick start, as is (about 3.5 minutes on 2 cores): `python byol.py` on the
-    built-in data lifts the kNN top-1 of the frozen backbone clearly above its random-init value
-    (one run: 68.55 -> 73.71 %), the loss goes down, and two views of one image end closer,
-    relative to views of different images, than under the random-init backbone (that run: gap
-    0.137 trained vs 0.027 at init)."""
+def test_default_run_aligns_the_views_and_keeps_the_knn(tmp_path):
+    """The README's quick start, as is (about 4 minutes on 2 cores): `python byol.py` on the
+    built-in data. The loss goes down; two views of one image end closer, relative to views of
+    different images, than under the random-init backbone (one run: gap 0.137 trained vs 0.027 at
+    init, required factor 1.5); the kNN top-1 of the frozen backbone ends no more than 2 points
+    below its random-init value. That kNN bound is loose on purpose: over 3 seeds the default run's
+    kNN gain is +1.5 +- 2.0 points (README "What the CPU defaults show"; seed 0: +5.2 with 2
+    threads, +3.6 with 1), too small for a higher bar that a rerun on another CPU cannot flip."""
     result = byol.main(["--out", str(tmp_path), "--device", "cpu", "--knn-every", "6"])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     knn = [row["knn_top1"] for row in rows if "knn_top1" in row]
     assert len(knn) == 2
-    assert knn[1] > knn[0] + 3.0, knn
+    assert knn[1] > knn[0] - 2.0, knn
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses[-1] < losses[0]
     torch.manual_seed(0)
