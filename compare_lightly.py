@@ -18,9 +18,10 @@ imports it.
 
 Commands:
     python compare_lightly.py --make-digits data/digits   # 1,797 real digit scans (scikit-learn)
-    python compare_lightly.py --data data/digits --epochs 30 --knn-every 10 --seeds 0,1,2
-    python compare_lightly.py --data synthetic --epochs 6 --knn-every 3 --seeds 0,1,2
-    python compare_lightly.py --data data/digits -- --predictor-lr-mult 1  # ours, a changed flag
+    python compare_lightly.py --data data/digits --epochs 10 --knn-every 5   # seeds 0,1,2
+    python compare_lightly.py --data synthetic --epochs 6 --knn-every 3
+    python compare_lightly.py --data data/digits --epochs 10 --knn-every 5 -- --preset sgd
+                                                   # flags after -- go to byol.py (ours only)
 """
 
 import argparse
