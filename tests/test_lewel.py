@@ -527,3 +527,30 @@ def test_train_updates_the_lewel_m_queue_only_after_the_loss_and_the_step(tmp_pa
         keys = F.normalize(keys, dim=1)                     # 2 views x global batch 4 = 8 keys
         assert (keys @ negatives.t()).max() < 0.999         # no key of the step is its own negative
         assert (keys @ queue_after.t()).max(dim=1).values.min() > 0.999  # ... each is in it after
+
+
+def test_lewel_m_resume_reaches_the_same_state_bitwise(tmp_path):
+    """Stopped after 3 of 6 steps and resumed: the same online and target weights, optimizer state
+    and LEWEL_M key queue (contents and pointer) as a straight run."""
+    args = ["--preset", "moco", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "1",
+            "--knn-every", "0", "--log-every", "1", "--device", "cpu", "--image-size", "40",
+            "--hidden-dim", "32", "--proj-dim", "16", "--queue-size", "64"]
+    lewel.main(args + ["--out", str(tmp_path / "straight")])
+    lewel.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "3"])
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 3
+    lewel.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
+
+    def state(run):
+        saved = torch.load(tmp_path / run / "last.pt", weights_only=True)
+        tensors = {f"{part}.{name}": value for part in ("model", "target", "queue")
+                   for name, value in saved[part].items()}
+        for index, slots in saved["optimizer"]["state"].items():
+            tensors.update({f"optimizer.{index}.{name}": value for name, value in slots.items()
+                            if torch.is_tensor(value)})
+        return saved["step"], tensors
+
+    (step, straight), (resumed_step, resumed) = state("straight"), state("resumed")
+    assert step == resumed_step == 6 and straight.keys() == resumed.keys()
+    assert any(name.startswith("queue.") for name in straight)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
