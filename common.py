@@ -14,6 +14,7 @@ Config fields common.py reads by name, so a method's Config (or a copy of one) n
         (make_loaders, show_batch)
     arch, stem, batch_size, base_lr, epochs, precision, resume, out
         (check_common_config, should_resume)
+    num_classes, num_things (make_seg_loaders, with data, synthetic_size, workers, seed)
 check_resume_compatible compares arch, stem, image_size, batch_size and epochs (or the keys it is
 given) with the checkpoint's; print_run_header prints every field. The other fields are the
 method file's own.
@@ -2154,6 +2155,102 @@ def matched_segmentation_iou(confusion, thing_classes=()):
         for name, group in (("miou_things", is_thing), ("miou_stuff", ~is_thing)):
             scores[name] = mean_iou(matched[group][:, group], present[group])
     return scores
+
+
+# ---- DenseSiam --task seg (densesiam.py): its views, loaders and evaluation ----
+# Views: photometric copies of the whole image, then one shared square crop (DenseSiam Sec. 4).
+# Released code (ZwwWayne/DenseSiam): brightness/contrast/saturation 0.3, hue 0.1, each p 0.8;
+# gray 0.2; blur p 0.5. NOTE: color_augment applies the four jitters together with p 0.8 in random
+# order, the released code draws each with its own p 0.8 in a fixed order. The crop of the recipe
+# is unused (the seg geometry is shared). Blur: the released config blurs the 640 px image with
+# sigma in [0.1, 2] px (ReplayRandomGaussianBlur). ViewRecipe's sigma is in px at 224 px, scaled
+# with the image side, hence [0.1, 2] * 224 / 640: [0.1, 2] px at 640 px, the same fraction of the
+# image at any --load-size. NOTE: the released transform takes the radius from the uniform draw that
+# decided to blur, so it is |U(-1.8, 0.1)| <= 1.8 px; we draw the config's [0.1, 2] px.
+SEG_PHOTOMETRIC = ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+                             blur_sigma=(0.1 * 224 / 640, 2.0 * 224 / 640))
+
+
+def replay_crop(side_fraction, top_fraction, left_fraction, size):
+    """The released seg code's square crop of a size x size map from fractions (tensors) ->
+    (side, top, left): side = floor(s * size), top = round((size - side) * a),
+    left = round((size - side) * b), rounding half to even like Python's round. In float64, to
+    match the released numbers (test_d5_replay_crop)."""
+    side = torch.floor(side_fraction.double() * size)
+    return (side, torch.round((size - side) * top_fraction.double()),
+            torch.round((size - side) * left_fraction.double()))
+
+
+def seg_crop_boxes(batch, size, scale, generator, device):
+    """Seg mode's shared geometric transform: one square crop (side fraction in `scale`) and one
+    flip (p 0.5) per image, as edge-based normalised boxes of the size x size input.
+
+    NOTE: the released code rounds the crop separately for the 640 px image (view 1) and the 80 px
+    feature map (view 2), so the two are only aligned to within half a feature cell
+    (test_d5_replay_crop). We round once, on the image, and crop the feature map with the same
+    normalised box (float32 geometry even under autocast, see crop_resize), which aligns them
+    exactly. It also draws each image's crop once for the whole run (replay); we draw a new one
+    every step."""
+    u = torch.rand(batch, 4, generator=generator, device=device)
+    side_fraction = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    side, top, left = replay_crop(side_fraction, u[:, 1], u[:, 2], size)
+    boxes = torch.stack([left, top, left + side, top + side], dim=1) / size
+    return boxes.float(), u[:, 3] < 0.5
+
+
+def seg_views(colour1, colour2, boxes, flips, size):
+    """The two seg-mode views (normalised, B x 3 x size x size) of photometric copies colour1/2.
+
+    View 1 = crop (boxes, flips) of colour1 resized to size; view 2 = all of colour2 resized to
+    size. Both go through the same antialiased resize (antialiased_crop_resize).
+    NOTE: the released code shrinks view 1 with F.interpolate, without antialiasing
+    (ReplayRandomResizedCrop in densesiam/datasets/pipelines/index_transforms.py), and view 2 with
+    PIL's resize, which antialiases (densesiam/datasets/cluster_replay_dataset.py); the val images
+    are PIL-resized too. We antialias both views."""
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device).expand(len(boxes), 4)
+    view1 = antialiased_crop_resize(colour1, boxes, flips, size)
+    view2 = antialiased_crop_resize(colour2, whole, torch.zeros_like(flips), size)
+    return normalize(view1), normalize(view2)
+
+
+def make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size):
+    """Seg mode's loaders of (images uint8, labels int64) on the device: training images at
+    load_size px (the views are cut from them), val images and labels at eval_size px, as the
+    released evaluation resizes them (bilinear, nearest) to 320 px and scores there
+    (ZwwWayne/DenseSiam densesiam/datasets/coco_eval_dataset.py; res=320 in the config). Built in:
+    make_synthetic_segmentation's scenes of the config's classes; a folder: the COCO-Stuff layout
+    cocostuff.py writes (things first, as --num-things counts them)."""
+    data = dict(synthetic_size=cfg.synthetic_size, layout="cocostuff",
+                classes=(cfg.num_things, cfg.num_classes - cfg.num_things))
+    train_loader = make_dense_loader(cfg.data, "train", load_size, batch_per_rank, dist, cfg.seed,
+                                     cfg.workers, **data)
+    val_batch = max(1, min(64, batch_per_rank))
+    val_loader = make_dense_loader(cfg.data, "val", eval_size, val_batch, dist, cfg.seed,
+                                   cfg.workers, shuffle=False, drop_last=False, **data)
+    return train_loader, val_loader
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, loader, num_classes, num_things, eval_size, autocast_dtype=None):
+    """argmax of g(f(x)) upsampled (bilinear) to the label size, one confusion matrix over the val
+    set and ranks, scored after Hungarian matching (matched_segmentation_iou)."""
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long,
+                            device=next(model.parameters()).device)
+    for images, labels in loader:
+        x = eval_transform(images, eval_size)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            logits = model.segment(x)
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(confusion)
+    model.train(was_training)
+    return matched_segmentation_iou(confusion, range(num_things))
+
 
 
 # --------------------------------------------------------------------------------------------------

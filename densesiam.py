@@ -51,7 +51,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -418,64 +417,6 @@ def grid_sample_points(maps, grid):
 
 
 # --------------------------------------------------------------------------------------------------
-# Seg-mode views: photometric copies of the whole image, one shared square crop (Sec. 4)
-# --------------------------------------------------------------------------------------------------
-
-# Released code: brightness/contrast/saturation 0.3, hue 0.1, each p 0.8; gray 0.2; blur p 0.5.
-# NOTE: common.color_augment applies the four jitters together with p 0.8 in random order, the
-# released code draws each with its own p 0.8 in a fixed order. The crop of the recipe is unused
-# (the seg geometry is shared). Blur: the released config blurs the 640 px image with sigma in
-# [0.1, 2] px (ReplayRandomGaussianBlur). ViewRecipe's sigma is in px at 224 px, scaled with the
-# image side, hence [0.1, 2] * 224 / 640: [0.1, 2] px at 640 px, the same fraction of the image at
-# any --load-size. NOTE: the released transform takes the radius from the uniform draw that
-# decided to blur, so it is |U(-1.8, 0.1)| <= 1.8 px; we draw the config's [0.1, 2] px.
-SEG_PHOTOMETRIC = common.ViewRecipe(jitter=(0.3, 0.3, 0.3, 0.1), jitter_p=0.8, gray_p=0.2,
-                                    blur_p=0.5, blur_sigma=(0.1 * 224 / 640, 2.0 * 224 / 640))
-
-
-def replay_crop(side_fraction, top_fraction, left_fraction, size):
-    """The released seg code's square crop of a size x size map from fractions (tensors) ->
-    (side, top, left): side = floor(s * size), top = round((size - side) * a),
-    left = round((size - side) * b), rounding half to even like Python's round. In float64, to
-    match the released numbers (test_d5_replay_crop)."""
-    side = torch.floor(side_fraction.double() * size)
-    return (side, torch.round((size - side) * top_fraction.double()),
-            torch.round((size - side) * left_fraction.double()))
-
-
-def seg_crop_boxes(batch, size, scale, generator, device):
-    """Seg mode's shared geometric transform: one square crop (side fraction in `scale`) and one
-    flip (p 0.5) per image, as edge-based normalised boxes of the size x size input.
-
-    NOTE: the released code rounds the crop separately for the 640 px image (view 1) and the 80 px
-    feature map (view 2), so the two are only aligned to within half a feature cell
-    (test_d5_replay_crop). We round once, on the image, and crop the feature map with the same
-    normalised box (float32 geometry even under autocast, see common.crop_resize), which aligns them
-    exactly. It also draws each image's crop once for the whole run (replay); we draw a new one
-    every step."""
-    u = torch.rand(batch, 4, generator=generator, device=device)
-    side_fraction = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    side, top, left = replay_crop(side_fraction, u[:, 1], u[:, 2], size)
-    boxes = torch.stack([left, top, left + side, top + side], dim=1) / size
-    return boxes.float(), u[:, 3] < 0.5
-
-
-def seg_views(colour1, colour2, boxes, flips, size):
-    """The two seg-mode views (normalised, B x 3 x size x size) of photometric copies colour1/2.
-
-    View 1 = crop (boxes, flips) of colour1 resized to size; view 2 = all of colour2 resized to
-    size. Both go through the same antialiased resize (common.antialiased_crop_resize).
-    NOTE: the released code shrinks view 1 with F.interpolate, without antialiasing
-    (ReplayRandomResizedCrop in densesiam/datasets/pipelines/index_transforms.py), and view 2 with
-    PIL's resize, which antialiases (densesiam/datasets/cluster_replay_dataset.py); the val images
-    are PIL-resized too. We antialias both views."""
-    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device).expand(len(boxes), 4)
-    view1 = common.antialiased_crop_resize(colour1, boxes, flips, size)
-    view2 = common.antialiased_crop_resize(colour2, whole, torch.zeros_like(flips), size)
-    return common.normalize(view1), common.normalize(view2)
-
-
-# --------------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------------
 
@@ -614,45 +555,6 @@ def seg_loss(outputs, region_weight, cfg):
 # Train loop
 # --------------------------------------------------------------------------------------------------
 
-def make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size):
-    """Seg mode's loaders of (images uint8, labels int64) on the device: training images at
-    load_size px (the views are cut from them), val images and labels at eval_size px, as the
-    released evaluation resizes them (bilinear, nearest) to 320 px and scores there
-    (ZwwWayne/DenseSiam densesiam/datasets/coco_eval_dataset.py; res=320 in the config). Built in:
-    make_synthetic_segmentation's scenes of the config's classes; a folder: the COCO-Stuff layout
-    cocostuff.py writes (things first, as --num-things counts them)."""
-    data = dict(synthetic_size=cfg.synthetic_size, layout="cocostuff",
-                classes=(cfg.num_things, cfg.num_classes - cfg.num_things))
-    train_loader = common.make_dense_loader(cfg.data, "train", load_size, batch_per_rank, dist,
-                                            cfg.seed, cfg.workers, **data)
-    val_batch = max(1, min(64, batch_per_rank))
-    val_loader = common.make_dense_loader(cfg.data, "val", eval_size, val_batch, dist, cfg.seed,
-                                          cfg.workers, shuffle=False, drop_last=False, **data)
-    return train_loader, val_loader
-
-
-@torch.no_grad()
-def evaluate_segmentation(model, loader, num_classes, num_things, eval_size, autocast_dtype=None):
-    """argmax of g(f(x)) upsampled (bilinear) to the label size, one confusion matrix over the val
-    set and ranks, scored after Hungarian matching (common.matched_segmentation_iou)."""
-    was_training = model.training
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long,
-                            device=next(model.parameters()).device)
-    for images, labels in loader:
-        x = common.eval_transform(images, eval_size)
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
-                            enabled=autocast_dtype is not None):
-            logits = model.segment(x)
-        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        confusion += common.confusion_matrix(logits.argmax(dim=1), labels, num_classes)
-    if torch_dist.is_initialized():
-        torch_dist.all_reduce(confusion)
-    model.train(was_training)
-    return common.matched_segmentation_iou(confusion, range(num_things))
-
-
 def train(cfg, dist):
     seg = cfg.task == "seg"  # Sec. 4: the FPN segmenter, its views and loss, an mIoU monitor
     method = "densesiam-seg" if seg else "densesiam"
@@ -664,7 +566,8 @@ def train(cfg, dist):
     if seg:
         load_size = cfg.load_size or 2 * cfg.image_size
         eval_size = cfg.eval_size or cfg.image_size
-        train_loader, val_loader = make_seg_loaders(cfg, dist, batch_per_rank, load_size, eval_size)
+        train_loader, val_loader = common.make_seg_loaders(cfg, dist, batch_per_rank, load_size,
+                                                           eval_size)
     else:
         train_loader, bank_loader, val_loader = common.make_loaders(cfg, dist)  # uint8, on device
     steps_per_epoch = len(train_loader)
@@ -736,8 +639,8 @@ def train(cfg, dist):
         return accuracy
 
     def miou(epoch):  # seg: Hungarian-matched mIoU of the segmenter on val
-        scores = evaluate_segmentation(model, val_loader, cfg.num_classes, cfg.num_things,
-                                       eval_size, autocast_dtype)
+        scores = common.evaluate_segmentation(model, val_loader, cfg.num_classes, cfg.num_things,
+                                              eval_size, autocast_dtype)
         scores.pop("cluster_to_class")
         print0(f"epoch {epoch}: mIoU {100 * scores['miou']:.2f}%  pixel acc "
                f"{100 * scores['pixel_acc']:.2f}%  things {100 * scores['miou_things']:.2f}%  "
@@ -768,11 +671,11 @@ def train(cfg, dist):
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             if seg:  # photometric copies of the whole image, then one crop and flip for both
                 pixels = images.float().div_(255)
-                colour1 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
-                colour2 = common.color_augment(pixels, SEG_PHOTOMETRIC, generator)
-                geometry = seg_crop_boxes(len(images), load_size, cfg.crop_scale, generator,
-                                          images.device)
-                views = seg_views(colour1, colour2, *geometry, cfg.image_size)
+                colour1 = common.color_augment(pixels, common.SEG_PHOTOMETRIC, generator)
+                colour2 = common.color_augment(pixels, common.SEG_PHOTOMETRIC, generator)
+                geometry = common.seg_crop_boxes(len(images), load_size, cfg.crop_scale, generator,
+                                                 images.device)
+                views = common.seg_views(colour1, colour2, *geometry, cfg.image_size)
             else:  # SimSiam views, read by PixSim at the K x K points of their crops' intersection
                 views, boxes, flips = zip(*(augment(images, common.SIMSIAM_VIEW, cfg.image_size,
                                                     generator) for _ in range(2)))

@@ -77,7 +77,7 @@ def test_d4_region_term_by_hand():
 
 def test_d5_replay_crop():
     def crop(s, a, b, size):
-        box = densesiam.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size)
+        box = common.replay_crop(torch.tensor(s), torch.tensor(a), torch.tensor(b), size)
         return tuple(int(v) for v in box)
 
     assert crop(0.75, 0.3, 0.6, 640) == (480, 48, 96)
@@ -399,8 +399,8 @@ def test_seg_loss_weights_and_alignment():
 
 
 def test_seg_crop_boxes_are_squares_inside_the_image():
-    boxes, flips = densesiam.seg_crop_boxes(64, 640, (0.5, 1.0), torch.Generator().manual_seed(0),
-                                            "cpu")
+    boxes, flips = common.seg_crop_boxes(64, 640, (0.5, 1.0), torch.Generator().manual_seed(0),
+                                         "cpu")
     sides = boxes[:, 2] - boxes[:, 0]
     assert torch.allclose(sides, boxes[:, 3] - boxes[:, 1])
     assert (sides >= 0.5 - 1e-6).all() and (sides <= 1).all()
@@ -415,7 +415,7 @@ def test_seg_blur_sigma_is_the_released_pixels_at_640():
     batch, width = 64, 640
     impulse = torch.zeros(batch, 3, 1, width)                     # one bright column per image
     impulse[..., width // 2] = 1.0
-    recipe = dataclasses.replace(densesiam.SEG_PHOTOMETRIC, jitter_p=0.0, gray_p=0.0, blur_p=1.0)
+    recipe = dataclasses.replace(common.SEG_PHOTOMETRIC, jitter_p=0.0, gray_p=0.0, blur_p=1.0)
     generator = torch.Generator().manual_seed(0)
     blurred = common.color_augment(impulse, recipe, generator)[:, 0, 0]          # B x W
     offsets = (torch.arange(width) - width // 2).float()
@@ -435,12 +435,12 @@ def test_seg_views_resample_both_views_alike():
     torch.manual_seed(0)
     colour = torch.rand(4, 3, 64, 64)
     whole, no_flip = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4), torch.zeros(4).bool()
-    view1, view2 = densesiam.seg_views(colour, colour, whole, no_flip, 32)
+    view1, view2 = common.seg_views(colour, colour, whole, no_flip, 32)
     assert (view1 - view2).abs().max() < 1e-4                     # same image and box: same view
     assert (view2 - common.normalize(shrink(colour))).abs().max() < 1e-4
     pixels = [(8, 4, 56, 52), (0, 16, 48, 64), (10, 10, 64, 64), (20, 20, 44, 44)]   # l, t, r, b
     boxes, flips = torch.tensor(pixels) / 64.0, torch.tensor([True, False, True, False])
-    view1, _ = densesiam.seg_views(colour, colour, boxes, flips, 32)
+    view1, _ = common.seg_views(colour, colour, boxes, flips, 32)
     for index, (left, top, right, bottom) in enumerate(pixels):   # sides 48, 48, 54 and 24
         expected = shrink(colour[index:index + 1, :, top:bottom, left:right])
         expected = expected.flip(-1) if flips[index] else expected
@@ -452,7 +452,7 @@ def test_seg_val_labels_are_scored_at_eval_size():
     training images are loaded at 640) and the labels are scored at 320."""
     cfg = seg_config(synthetic_size=16)
     dist = common.Dist(0, 0, 1, torch.device("cpu"))
-    train_loader, val_loader = densesiam.make_seg_loaders(cfg, dist, 8, load_size=64, eval_size=32)
+    train_loader, val_loader = common.make_seg_loaders(cfg, dist, 8, load_size=64, eval_size=32)
     train_images, _ = next(iter(train_loader))
     val_images, val_labels = next(iter(val_loader))
     assert train_images.shape[-2:] == (64, 64)
@@ -468,7 +468,7 @@ def test_crop_resize_geometry_is_float32_under_bf16_autocast(device):
     """The seg forward crops a bf16 feature map under autocast: it must read the positions of the
     float32 geometry (theta, grid, interpolation weights); only the result is rounded to bf16."""
     generator = torch.Generator().manual_seed(0)
-    boxes, flips = densesiam.seg_crop_boxes(8, 640, (0.5, 1.0), generator, "cpu")
+    boxes, flips = common.seg_crop_boxes(8, 640, (0.5, 1.0), generator, "cpu")
     boxes, flips = boxes.to(device), flips.to(device)
     ramp = ramp_map(8, 80).to(device)                            # the map of a 320 px view
     reference = common.crop_resize(ramp, boxes, flips, 80)       # float32: positions in cells
@@ -484,7 +484,7 @@ def test_seg_evaluation_returns_fractions():
     model = densesiam.SegDenseSiam(cfg)
     images, labels = common.make_synthetic_segmentation(4, 64, seed=0, num_things=1, num_stuff=3)
     loader = common.TensorLoader(images, labels, 2, 0, 1, 0, shuffle=False, drop_last=False)
-    scores = densesiam.evaluate_segmentation(model, loader, 4, 1, 32)
+    scores = common.evaluate_segmentation(model, loader, 4, 1, 32)
     assert all(0.0 <= scores[key] <= 1.0
                for key in ("miou", "pixel_acc", "miou_things", "miou_stuff"))
     assert model.training                                           # evaluation restores train mode

@@ -319,7 +319,7 @@ def test_cocostuff_builds_the_seg_folder(tmp_path, capsys):
     assert image.shape == (3, 32, 32) and set(label.unique().tolist()) == {9, 23}
     cfg = densesiam.Config(**{**densesiam.SEG, "data": str(out), "workers": 0})
     dist = common.Dist(0, 0, 1, torch.device("cpu"))
-    _, loader = densesiam.make_seg_loaders(cfg, dist, 2, 32, 32)  # through common.FolderLoader
+    _, loader = common.make_seg_loaders(cfg, dist, 2, 32, 32)  # through common.FolderLoader
     images, labels = next(iter(loader))
     assert images.shape == (1, 3, 32, 32) and labels.shape == (1, 32, 32)
     assert set(labels.unique().tolist()) == {4, 23, 24}

@@ -921,10 +921,10 @@ def seg_reference_grads(cfg, snapshot, pixels, step, with_region):
     model = densesiam.SegDenseSiam(cfg)
     model.load_state_dict(snapshot["online"])
     generator = common.step_generator(torch.device("cpu"), cfg.seed, 0, step)
-    colour1 = common.color_augment(pixels, densesiam.SEG_PHOTOMETRIC, generator)
-    colour2 = common.color_augment(pixels, densesiam.SEG_PHOTOMETRIC, generator)
-    boxes, flips = densesiam.seg_crop_boxes(len(pixels), 64, (0.5, 0.9), generator, pixels.device)
-    view1, view2 = densesiam.seg_views(colour1, colour2, boxes, flips, 32)
+    colour1 = common.color_augment(pixels, common.SEG_PHOTOMETRIC, generator)
+    colour2 = common.color_augment(pixels, common.SEG_PHOTOMETRIC, generator)
+    boxes, flips = common.seg_crop_boxes(len(pixels), 64, (0.5, 0.9), generator, pixels.device)
+    view1, view2 = common.seg_views(colour1, colour2, boxes, flips, 32)
     feats1 = model.decoder(model.backbone(view1))
     feats2 = model.decoder(model.backbone(view2))
     feats2 = common.crop_resize(feats2, boxes, flips, feats1.shape[-1])
@@ -977,7 +977,7 @@ class TestDenseSiamSeg:
     def test_seg_step_gradients_match_a_hand_written_step(self, seg_run, step):
         cfg, recorder, _ = seg_run
         snapshot = recorder.snapshots[step]
-        assert recorder.recipes[step] == [densesiam.SEG_PHOTOMETRIC] * 2
+        assert recorder.recipes[step] == [common.SEG_PHOTOMETRIC] * 2
         expected = seg_reference_grads(cfg, snapshot, recorder.images[step], step,
                                        with_region=step >= 2)
         assert_grads_match(snapshot["grads"], expected)
