@@ -17,6 +17,8 @@ config), never the method code.
     python eval_linear.py --ckpt runs/byol/last.pt,runs/ladder_byol/last.pt --random-init --dense \
              --stage res2,res3,res4,res5,pixels \
              --report results.md                          # + dense mIoU, one report
+    python eval_linear.py --ckpt runs/byol_s0/last.pt,runs/byol_s1/last.pt,runs/byol_s2/last.pt \
+             --report results.md                          # + mean +- std over the seeds
     python eval_linear.py --ckpt runs/mcl/last.pt --dense --data /path/to/VOCdevkit/VOC2012 \
              --image-size 224 --stage res2,p2,p3,p4,p5    # MCL's FPN levels, VOC
     python eval_linear.py --ckpt runs/byol/last.pt \
@@ -62,8 +64,11 @@ Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below
 import copy
 import dataclasses
 import datetime
+import json
 import math
+import os
 import shlex
+import statistics
 from collections import OrderedDict
 from pathlib import Path
 
@@ -112,7 +117,8 @@ class Config:
     dense_batch_size: int = 64        # its global batch
     dense_classes: int = 0            # 0 = from the data (built in 3, VOC 21, else max label + 1)
     report: str = ""                  # write every metric as Markdown tables to this file (+ PNG
-                                      # charts beside it when matplotlib is installed)
+                                      # charts beside it when matplotlib is installed; + mean +-
+                                      # std over checkpoints that differ only in their seed)
     device: str = ""                  # "" = cuda if available else cpu
     precision: str = "auto"           # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with
                                       # native bf16 (avx512_bf16/AMX), fp32 elsewhere
@@ -899,7 +905,7 @@ def evaluate(cfg, dist):
                  f"{dist.world_size}")
     common.check(0 <= cfg.view_crop_min_scale <= 1,
                  f"--view-crop-min-scale must be in [0, 1], got {cfg.view_crop_min_scale}")
-    rows, dense_sets = {}, {}
+    rows, dense_sets, runs = {}, {}, {}
     # --random-init adds a baseline row: the first checkpoint's architecture and data, seeded
     # initial weights.
     entries = (([(cfg.ckpt[0], True)] if cfg.random_init else [])
@@ -921,6 +927,7 @@ def evaluate(cfg, dist):
         per_rank = max(cfg.batch_size // dist.world_size, 1)
         label = f"{path}{' (random init)' if random_init else ''}"
         rows[label] = {}
+        runs[label] = run_key(state, random_init)
         common.check(not cfg.dense or common.dense_layout(data) is not None,
                      f"--dense: --data {data} has no per-pixel labels; give 'synthetic' or a "
                      f"folder laid out as " + "; or ".join(common.DENSE_LAYOUTS.values()))
@@ -1014,7 +1021,7 @@ def evaluate(cfg, dist):
                        f"{result['dense_pixel_acc']:.2f}%; IoU per class (%): {per_class}")
     print_table(rows, cfg.stage)
     if cfg.report and dist.is_main:
-        write_report(cfg, rows, protocol, dist)
+        write_report(cfg, rows, protocol, dist, runs)
     return rows
 
 
@@ -1145,10 +1152,59 @@ def write_charts(rows, stages, path):
     return charts
 
 
-def write_report(cfg, rows, protocol, dist):
+def run_key(state, random_init):
+    """What makes two checkpoints seeds of one run: the method and its config, less the seed and
+    the output folder (and the run state: resume, stop_after)."""
+    config = {key: value for key, value in state["config"].items()
+              if key not in ("seed", "out", "resume", "stop_after")}
+    return json.dumps([state.get("method"), random_init, config], sort_keys=True, default=str)
+
+
+def seed_groups(labels, runs):
+    """{group label: [row labels]} of checkpoints that differ only in their seed, in first-seen
+    order. A group's label is its rows' labels with the part they differ in braced:
+    runs/byol_s0/last.pt, runs/byol_s1/last.pt -> runs/byol_s{0,1}/last.pt."""
+    members = {}
+    for label in labels:
+        members.setdefault(runs[label], []).append(label)
+    groups = {}
+    for names in members.values():
+        if len(names) == 1:
+            groups[names[0]] = names
+            continue
+        prefix = os.path.commonprefix(names)
+        suffix = os.path.commonprefix([name[len(prefix):][::-1] for name in names])[::-1]
+        middles = [name[len(prefix):len(name) - len(suffix)] for name in names]
+        groups[f"{prefix}{{{','.join(middles)}}}{suffix}"] = names
+    return groups
+
+
+def seed_table(rows, stages, metric, groups):
+    """One metric over seeds: (stages, {group label: ["mean +- std (n)" per stage]}); a group of
+    one checkpoint shows its value alone. The std is the sample standard deviation (n - 1)."""
+    columns, _ = table_cells(rows, stages, metric)
+    cells = {}
+    for group, names in groups.items():
+        line = []
+        for stage in columns:
+            values = [rows[name][stage][metric] for name in names
+                      if metric in rows[name].get(stage, {})]
+            if not values:
+                line.append("-")
+            elif len(values) == 1:
+                line.append(f"{values[0]:.2f}")
+            else:
+                line.append(f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} "
+                            f"({len(values)})")
+        cells[group] = line
+    return columns, cells
+
+
+def write_report(cfg, rows, protocol, dist, runs=None):
     """--report: the command, then every metric of the run as a Markdown table (rows = checkpoints,
     columns = stages, the cells as print_table prints them), the dense probe's IoU per class, and
-    a chart per metric."""
+    a chart per metric. When some checkpoints differ only in their seed (run_key), each number
+    metric also gets a table over seeds: mean +- standard deviation (number of seeds)."""
     path = Path(cfg.report)
     path.parent.mkdir(parents=True, exist_ok=True)
     charts = write_charts(rows, cfg.stage, path)
@@ -1168,6 +1224,18 @@ def write_report(cfg, rows, protocol, dist):
         lines += [markdown_row([label, *line]) for label, line in cells.items()]
         if metric in charts:
             lines += ["", f"![{title}]({charts[metric].name})"]
+    groups = seed_groups(list(rows), runs) if runs else {}
+    if any(len(names) > 1 for names in groups.values()):
+        for metric, title in METRICS:
+            if metric.startswith("view_"):  # distance summaries: per checkpoint only
+                continue
+            columns, cells = seed_table(rows, cfg.stage, metric, groups)
+            if not columns:
+                continue
+            lines += ["", f"## {title}, over seeds: mean +- std (seeds)", "",
+                      markdown_row(["run", *columns]),
+                      markdown_row(["---", *["---:"] * len(columns)])]
+            lines += [markdown_row([group, *line]) for group, line in cells.items()]
     per_class = [(label, stage, row[stage]["dense_iou"]) for label, row in rows.items()
                  for stage in cfg.stage if "dense_iou" in row.get(stage, {})]
     if per_class:

@@ -313,3 +313,38 @@ def test_report_holds_the_printed_tables(dense_run):
     else:
         assert (report.parent / "results_dense_miou.png").is_file()
         assert "![dense mIoU (%), per-pixel linear probe](results_dense_miou.png)" in text
+
+
+def test_report_adds_mean_and_spread_over_seeds(dense_run):
+    # a.pt and b.pt hold the same config (tiny_checkpoint stores no seed): two seeds of one run
+    rows, _, report, (first, second) = dense_run
+    group = first[:-len("a.pt")] + "{a,b}.pt"
+    header, body = markdown_table(report.read_text(),
+                                  "dense mIoU (%), per-pixel linear probe, over seeds: mean +- std "
+                                  "(seeds)")
+    assert header == ["run", "res2", "res3", "pixels"]
+    cells = {line[0]: line[1:] for line in body}
+    assert list(cells) == [f"{first} (random init)", group]
+    for index, stage in enumerate(header[1:]):
+        a, b = rows[first][stage]["dense_miou"], rows[second][stage]["dense_miou"]
+        assert cells[group][index] == f"{(a + b) / 2:.2f} +- {abs(a - b) / 2 ** 0.5:.2f} (2)"
+        assert cells[f"{first} (random init)"][index] == \
+            f"{rows[f'{first} (random init)'][stage]['dense_miou']:.2f}"
+
+
+def test_seed_groups_join_only_checkpoints_that_differ_in_seed_and_folder():
+    def key(seed, out, random_init=False, **changes):
+        config = {**dict(arch="resnet18", epochs=6, seed=seed, out=out), **changes}
+        return eval_linear.run_key(dict(method="byol", config=config), random_init)
+
+    runs = {"runs/byol_s0/last.pt": key(0, "runs/byol_s0"),
+            "runs/byol_s1/last.pt": key(1, "runs/byol_s1"),
+            "runs/byol_s1/last.pt (random init)": key(1, "runs/byol_s1", random_init=True),
+            "runs/sgd_s0/last.pt": key(0, "runs/sgd_s0", optimizer="sgd"),
+            "runs/sgd_s1/last.pt": key(1, "runs/sgd_s1", optimizer="sgd"),
+            "runs/long/last.pt": key(0, "runs/long", epochs=12)}
+    assert eval_linear.seed_groups(list(runs), runs) == {
+        "runs/byol_s{0,1}/last.pt": ["runs/byol_s0/last.pt", "runs/byol_s1/last.pt"],
+        "runs/byol_s1/last.pt (random init)": ["runs/byol_s1/last.pt (random init)"],
+        "runs/sgd_s{0,1}/last.pt": ["runs/sgd_s0/last.pt", "runs/sgd_s1/last.pt"],
+        "runs/long/last.pt": ["runs/long/last.pt"]}
