@@ -167,6 +167,9 @@ def test_lewel_presets():
     cfg = parse_and_check("lewel", ["--preset", "imagenet100"])
     assert (cfg.variant, cfg.epochs, cfg.tau_base) == ("byol", 240, 0.98)
     assert _lr(cfg, 512) == pytest.approx(3.6)
+    # every LEWEL_B preset trains the predictors at the lr of the rest (the CPU default: 10x)
+    for preset in ("imagenet", "imagenet-100ep", "imagenet100", "imagenet-400ep", "cifar10"):
+        assert parse_and_check("lewel", ["--preset", preset]).predictor_lr_mult == 1.0, preset
     # LEWEL_M: batch 256, lr 0.06, wd 1e-4, tau 0.2, key momentum 0.999, heads 2048/128
     for preset, epochs, lr in [("imagenet-moco-100ep", 100, 0.06), ("imagenet100-moco", 240, 0.12)]:
         cfg = parse_and_check("lewel", ["--preset", preset])

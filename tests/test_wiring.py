@@ -530,16 +530,19 @@ class TestLEWELB:
     """lewel.py, LEWEL_B with the EMAN target."""
 
     def test_lewel_b_lr_weight_decay_and_lars_form(self, lewel_b_run):
-        """One lr for every parameter (no factor), warmup then cosine; LARS in the official (lr
-        inside the momentum buffer) form; weight decay on weights only."""
+        """Warmup then cosine; the predictors q and s (and only they) at the CPU default's 10x;
+        LARS in the official (lr inside the momentum buffer) form; weight decay on weights only."""
         cfg, recorder, _ = lewel_b_run
         peak = 32 * 8 / 256
         for step, per_param in enumerate(recorder.lrs):
             for name, group in per_param.items():
-                lr = warmup_cosine(step, 4, 2, peak)
+                factor = 10.0 if name.startswith(("predictor.", "aligned_predictor.")) else 1.0
+                lr = warmup_cosine(step, 4, 2, peak) * factor
                 assert group["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-12), (step, name)
                 assert_lars_group(recorder, name, group, 0.01)
                 assert group["kind"] == "LARS" and group["form"] == "openselfsup"
+        assert {name.split(".")[0] for name in recorder.lrs[0]} >= {"predictor",
+                                                                     "aligned_predictor"}
         assert len(recorder.lrs) == 4
 
     def test_lewel_b_eman_target_averages_parameters_and_bn_statistics(self, lewel_b_run):
