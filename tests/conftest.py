@@ -13,6 +13,7 @@ Tests run as on a CPU without native bf16, so --precision auto is fp32 on every 
 numbers recomputed by hand stay float32; a test of the detection sets the two probes itself.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,9 +54,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_unconfigure(config):
     process = _default_run.get("process")
-    if process is not None and process.poll() is None:
-        process.kill()
-        process.wait()
+    if process is not None:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(_default_run["out"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Run a method file's train() under `torchrun --standalone --nproc_per_node=2` on CPU (gloo) and
-return each rank's final online and target state dicts. Used by every method's DDP test."""
+return each rank's final online and target state dicts. Used by every method's DDP test; also
+final_state, what a resumed run must reproduce."""
 
 import os
 import subprocess
@@ -39,6 +40,18 @@ def run_two_processes(module, args, out_dir, timeout=240):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True)
             for rank in range(2)]
+
+
+def final_state(path):
+    """(step, every tensor a resumed run must reproduce) of a last.pt: online and target weights and
+    buffers, optimizer state, LEWEL_M's queue."""
+    state = torch.load(path, weights_only=True)
+    tensors = {f"{part}.{name}": value for part in ("model", "target", "queue")
+               for name, value in (state.get(part) or {}).items()}
+    for index, slots in state["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{index}.{name}": value for name, value in slots.items()
+                        if torch.is_tensor(value)})
+    return state["step"], tensors
 
 
 def assert_same_parameters(states):

@@ -14,6 +14,7 @@ from torch import nn
 
 import common
 import lewel
+from ddp_runner import final_state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,17 +540,8 @@ def test_lewel_m_resume_reaches_the_same_state_bitwise(tmp_path):
     lewel.main(args + ["--out", str(tmp_path / "resumed"), "--stop-after", "3"])
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 3
     lewel.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
-
-    def state(run):
-        saved = torch.load(tmp_path / run / "last.pt", weights_only=True)
-        tensors = {f"{part}.{name}": value for part in ("model", "target", "queue")
-                   for name, value in saved[part].items()}
-        for index, slots in saved["optimizer"]["state"].items():
-            tensors.update({f"optimizer.{index}.{name}": value for name, value in slots.items()
-                            if torch.is_tensor(value)})
-        return saved["step"], tensors
-
-    (step, straight), (resumed_step, resumed) = state("straight"), state("resumed")
+    (step, straight), (resumed_step, resumed) = (final_state(tmp_path / run / "last.pt")
+                                                 for run in ("straight", "resumed"))
     assert step == resumed_step == 6 and straight.keys() == resumed.keys()
     assert any(name.startswith("queue.") for name in straight)
     for name in straight:

@@ -13,7 +13,7 @@ import torch
 
 import byol
 import eval_linear
-from ddp_runner import ROOT
+from ddp_runner import ROOT, final_state
 
 TINY = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "64",
         "--proj-dim", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1",
@@ -168,9 +168,8 @@ def test_elastic_restart_resumes_by_itself(tmp_path, monkeypatch):
 
 SMALL = ["--synthetic-size", "48", "--batch-size", "8", "--epochs", "1", "--knn-every", "0",
          "--log-every", "1", "--device", "cpu", "--ckpt-every-steps", "3"]
-LAUNCH = {  # 48 images at global batch 8 (4 per process): 6 steps, last.pt after steps 3 and 6
-    "byol": ["byol.py", *SMALL, "--image-size", "32", "--hidden-dim", "64", "--proj-dim", "32"],
-}
+# 48 images at global batch 8 (4 per process): 6 steps, last.pt after steps 3 and 6
+LAUNCH = ["byol.py", *SMALL, "--image-size", "32", "--hidden-dim", "64", "--proj-dim", "32"]
 STEPS = 6
 TWO_PROCESSES = ["--standalone", "--nproc_per_node=2"]
 
@@ -226,18 +225,6 @@ def worker_pids(agent_pid):
     return pids
 
 
-def final_state(path):
-    """(step, every tensor a resumed run must reproduce): online and target weights and buffers,
-    optimizer state, LEWEL_M's queue."""
-    state = torch.load(path, weights_only=True)
-    tensors = {f"{part}.{name}": value for part in ("model", "target", "queue")
-               for name, value in (state.get(part) or {}).items()}
-    for index, slots in state["optimizer"]["state"].items():
-        tensors.update({f"optimizer.{index}.{name}": value for name, value in slots.items()
-                        if torch.is_tensor(value)})
-    return state["step"], tensors
-
-
 def assert_same_state(a, b):
     (step_a, tensors_a), (step_b, tensors_b) = a, b
     assert step_a == step_b == STEPS
@@ -248,33 +235,26 @@ def assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """straight(method): final state of an uninterrupted 2-process launch (launched once)."""
-    done = {}
-
-    def run(method):
-        if method not in done:
-            out = tmp_path_factory.mktemp(f"straight_{method}")
-            process = torchrun(TWO_PROCESSES, LAUNCH[method] + ["--out", str(out)], out / "log")
-            assert finish(process, 240) == 0, (out / "log").read_text()[-3000:]
-            done[method] = final_state(out / "last.pt")
-        return done[method]
-    return run
+    """Final state of an uninterrupted 2-process launch (launched once per module)."""
+    out = tmp_path_factory.mktemp("straight")
+    process = torchrun(TWO_PROCESSES, LAUNCH + ["--out", str(out)], out / "log")
+    assert finish(process, 240) == 0, (out / "log").read_text()[-3000:]
+    return final_state(out / "last.pt")
 
 
 def test_elastic_restart_after_sigkill_of_one_worker_matches_an_uninterrupted_run(
         tmp_path, straight):
     # README: under `torchrun --max-restarts N` a restarted worker continues from last.pt by itself.
     # (LEWEL_M's key queue across a resume: tests/test_lewel.py)
-    method = "byol"
     log = tmp_path / "log"
-    command = LAUNCH[method] + ["--out", str(tmp_path)]
+    command = LAUNCH + ["--out", str(tmp_path)]
     process = torchrun(TWO_PROCESSES + ["--max-restarts=1"], command, log)
     wait_for_file(tmp_path / "last.pt", process)
     os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
     assert finish(process, 240) == 0, log.read_text()[-4000:]
     resumed = [line for line in log.read_text().splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and 3 <= int(resumed[0].split()[-1]) < STEPS, resumed  # mid-run
-    assert_same_state(final_state(tmp_path / "last.pt"), straight(method))
+    assert_same_state(final_state(tmp_path / "last.pt"), straight)
 
 
 def free_port():
@@ -289,16 +269,16 @@ def test_two_nodes_on_one_machine_match_one_node_with_two_processes(tmp_path, st
     # README's multi-node command, as two torchrun "nodes" of one process each on 127.0.0.1
     launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes"]
-    command = LAUNCH["byol"] + ["--out", str(tmp_path)]
+    command = LAUNCH + ["--out", str(tmp_path)]
     nodes = [torchrun(launch, command, tmp_path / f"node{n}.log") for n in (0, 1)]
     codes = [finish(node, 240) for node in nodes]
     assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1)]
-    assert_same_state(final_state(tmp_path / "last.pt"), straight("byol"))
+    assert_same_state(final_state(tmp_path / "last.pt"), straight)
 
 
 def test_sigterm_to_torchrun_saves_and_the_same_command_with_resume_continues(tmp_path, straight):
     # a scheduler's pre-emption: SIGTERM to the launcher, which passes it on to its workers
-    command = LAUNCH["byol"] + ["--out", str(tmp_path)]
+    command = LAUNCH + ["--out", str(tmp_path)]
     process = torchrun(TWO_PROCESSES, command, tmp_path / "first.log")
     wait_for_file(tmp_path / "last.pt", process)
     process.send_signal(signal.SIGTERM)
@@ -311,7 +291,7 @@ def test_sigterm_to_torchrun_saves_and_the_same_command_with_resume_continues(tm
     assert finish(relaunch, 240) == 0, (tmp_path / "second.log").read_text()[-3000:]
     text = (tmp_path / "second.log").read_text()
     assert f"resumed from {tmp_path}/last.pt at step {stopped_at}" in text
-    assert_same_state(final_state(tmp_path / "last.pt"), straight("byol"))
+    assert_same_state(final_state(tmp_path / "last.pt"), straight)
 
 
 def test_a_signal_repeated_by_the_launcher_still_saves_first(monkeypatch):
@@ -403,7 +383,7 @@ def test_a_hung_rank_is_named_once_the_collective_timeout_expires(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(HANG_ONE_RANK)
     log = tmp_path / "log"
-    command = [str(driver), str(tmp_path)] + LAUNCH["byol"][1:] + ["--out", str(tmp_path / "run")]
+    command = [str(driver), str(tmp_path)] + LAUNCH[1:] + ["--out", str(tmp_path / "run")]
     env = dict(SSL_COLLECTIVE_TIMEOUT="5", PYTHONPATH=ROOT)
     process = torchrun(TWO_PROCESSES, command, log, env)
     deadline = time.time() + 120  # without a collective timeout: gloo's default, 30 min
