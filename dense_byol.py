@@ -314,8 +314,8 @@ def train(cfg, dist):
                                 tau=f"{tau:.4f}", img_s=f"{images_per_s:.0f}")
                 log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau,
                           images_per_s=images_per_s, data_wait=data_wait)
-            if checkpoint_now and not at_epoch_end:
-                save(epoch, "step")
+            if checkpoint_now and (stopping or not at_epoch_end):  # else: the epoch-end save
+                save(step // steps_per_epoch, "step")
             if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); "
                        "resume with --resume")

@@ -583,8 +583,8 @@ def train(cfg, dist):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # NOTE: SimSiam's SGD decays every parameter (BN and biases included); no LARS. SimSiam's
     # optional fixed predictor lr is not used (the DenseSiam paper does not mention it).
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD([dict(params=list(model.parameters()), lr_mult=1.0)], lr=peak_lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
@@ -667,7 +667,7 @@ def train(cfg, dist):
             lr = peak_lr if seg else lr_at(step, total_steps, warmup_steps, peak_lr)
             region_weight = region_weight_at(step, total_steps, cfg.region_start, cfg.region_weight)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_mult"]
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             if seg:  # photometric copies of the whole image, then one crop and flip for both
@@ -712,8 +712,8 @@ def train(cfg, dist):
                 log.write(step=step, epoch=epoch, **values, region_weight=region_weight,
                           empty_intersections=empty, lr=lr,
                           images_per_s=images_per_s, data_wait=data_wait)
-            if checkpoint_now and not at_epoch_end:
-                save(epoch, "step")
+            if checkpoint_now and (stopping or not at_epoch_end):  # else: the epoch-end save
+                save(step // steps_per_epoch, "step")
             if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); "
                        "resume with --resume")

@@ -617,7 +617,7 @@ def train(cfg, dist):
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.final_lr)
             tau = cosine_tau(step, total_steps, cfg.tau_base)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_mult"]
 
             generator = common.step_generator(dist.device, cfg.seed, dist.rank, step)
             stacks, tile_ids = make_inputs(images, recipes, cfg, counts, generator, memory_format)
@@ -651,8 +651,8 @@ def train(cfg, dist):
                                 img_s=f"{images_per_s:.0f}")
                 log.write(step=step, epoch=epoch, **values, lr=lr, tau=tau,
                           images_per_s=images_per_s, data_wait=data_wait)
-            if checkpoint_now and not at_epoch_end:
-                save(epoch, "step")
+            if checkpoint_now and (stopping or not at_epoch_end):  # else: the epoch-end save
+                save(step // steps_per_epoch, "step")
             if stopping:
                 print0(f"stopped at step {step} ({stop.received or 'stop_after'}); "
                        "resume with --resume")

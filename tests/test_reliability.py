@@ -2,6 +2,7 @@
 input, and real torchrun launches: elastic restart, two nodes, pre-emption, kill mid-save, a hung
 rank."""
 
+import importlib
 import os
 import signal
 import subprocess
@@ -415,3 +416,27 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
+
+
+# (method, its tests' tiny arguments, steps in one epoch of them)
+TINY_RUNS = {
+    "byol": ("test_byol", "TINY", 64 // 16),
+    "ladder_byol": ("test_ladder_byol", "TINY", 32 // 8),
+    "dense_byol": ("test_dense_byol", "TINY", 32 // 8),
+    "densesiam": ("test_densesiam", "TINY", 16 // 8),
+    "lewel": ("test_lewel", "TINY_RUN", 16 // 4),
+    "mcl": ("test_mcl", "TINY", 32 // 16),
+}
+
+
+@pytest.mark.parametrize("method", list(TINY_RUNS))
+def test_a_stop_on_the_last_step_of_an_epoch_keeps_its_checkpoint(method, tmp_path):
+    """--stop-after (or SIGTERM) on an epoch's last step: the epoch-end save is skipped by the
+    stop, so the stop itself must write last.pt, and --resume must go on from the next epoch."""
+    module = importlib.import_module(method)
+    test_module, name, steps_per_epoch = TINY_RUNS[method]
+    args = getattr(importlib.import_module(test_module), name) + [
+        "--epochs", "2", "--device", "cpu", "--out", str(tmp_path)]
+    module.main(args + ["--stop-after", str(steps_per_epoch)])
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == steps_per_epoch
+    assert module.main(args + ["--resume"])["step"] == 2 * steps_per_epoch

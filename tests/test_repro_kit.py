@@ -347,3 +347,54 @@ def test_cocostuff_with_picie_lists(tmp_path):
     with pytest.raises(SystemExit):
         cocostuff.main(["--images", "x", "--labels", str(tmp_path / "nowhere"),
                         "--out", str(tmp_path / "o")])
+
+
+# ---- results.sh: the README's side-by-side table from scratch ------------------------------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: records its arguments; a training run leaves a last.pt in its --out.
+echo "$*" >> "$CALLS"
+if [[ $1 != eval_linear.py ]]; then
+    while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p "$2" && touch "$2/last.pt"; shift; done
+fi
+"""
+
+
+def test_results_script_trains_every_method_and_seed_then_reports_per_image_size(tmp_path):
+    import os
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), SEEDS="0 1", JOBS="2")
+    run = subprocess.run(["bash", "results.sh", str(out), "--epochs", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    trained = sorted(line for line in lines if not line.startswith("eval_linear.py"))
+    assert trained == sorted(f"{method}.py --seed {seed} --out {out}/{method}_s{seed} --epochs 1"
+                             for method in METHODS for seed in (0, 1))
+    reports = {}
+    for line in lines:
+        if line.startswith("eval_linear.py"):
+            words = line.split()
+            assert {"--random-init", "--dense"} <= set(words)
+            value = dict(zip(words, words[1:]))
+            reports[Path(value["--report"]).stem] = (value["--ckpt"].split(","), value["--stage"])
+    stages = "res2,res3,res4,res5"
+
+    def ckpts(*methods):
+        return [f"{out}/{method}_s{seed}/last.pt" for method in methods for seed in (0, 1)]
+
+    assert reports == {"results_32px": (ckpts("byol", "ladder_byol"), stages),
+                       "results_mcl": (ckpts("mcl"), stages + ",p2,p3,p4,p5"),
+                       "results_40px": (ckpts("dense_byol", "lewel"), stages),
+                       "results_64px": (ckpts("densesiam"), stages)}
+    # a second call trains nothing again (every run is done) and only reports
+    calls.unlink()
+    assert subprocess.run(["bash", "results.sh", str(out)], cwd=ROOT, env=env,
+                          timeout=60).returncode == 0
+    assert all(line.startswith("eval_linear.py") for line in calls.read_text().splitlines())
