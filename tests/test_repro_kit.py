@@ -170,6 +170,12 @@ def test_lewel_presets():
     # every LEWEL_B preset trains the predictors at the lr of the rest (the CPU default: 10x)
     for preset in ("imagenet", "imagenet-100ep", "imagenet100", "imagenet-400ep", "cifar10"):
         assert parse_and_check("lewel", ["--preset", preset]).predictor_lr_mult == 1.0, preset
+    # the EMAN target: every 100/200/240-epoch recipe (and cifar10); the 400-epoch one and the
+    # CPU default (a 60-step run, NOTE in lewel.py) use a train-mode EMA target
+    for preset in ("imagenet", "imagenet-100ep", "imagenet100", "cifar10"):
+        assert parse_and_check("lewel", ["--preset", preset]).eman, preset
+    assert not parse_and_check("lewel", ["--preset", "imagenet-400ep"]).eman
+    assert not parse_and_check("lewel", []).eman
     # LEWEL_M: batch 256, lr 0.06, wd 1e-4, tau 0.2, key momentum 0.999, heads 2048/128
     for preset, epochs, lr in [("imagenet-moco-100ep", 100, 0.06), ("imagenet100-moco", 240, 0.12)]:
         cfg = parse_and_check("lewel", ["--preset", preset])

@@ -479,7 +479,7 @@ LEWEL_ARGS = ["--synthetic-size", "32", "--image-size", "40", "--batch-size", "8
               "--scale", "0.5", "--epochs", "1", "--knn-every", "0", "--log-every", "1",
               "--device", "cpu"]
 LEWEL_B_ARGS = LEWEL_ARGS + ["--warmup-epochs", "0.5", "--base-lr", "32", "--tau-base", "0.5",
-                             "--weight-decay", "0.01"]
+                             "--weight-decay", "0.01", "--eman"]  # the paper's EMAN target
 LEWEL_M_ARGS = ["--preset", "moco"] + LEWEL_ARGS + ["--base-lr", "8", "--tau-base", "0.5",
                                                     "--queue-size", "64", "--temperature", "0.5"]
 
