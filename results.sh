@@ -14,9 +14,9 @@
 # A run whose <method>_s<seed>/done exists is not trained again, so an interrupted call can simply
 # be repeated. Extra arguments after the folder go to every training run.
 set -euo pipefail
-cd "$(dirname "$0")"
-out=${1:-runs/results}
+out=$(realpath -m "${1:-$(dirname "$0")/runs/results}")  # a relative folder: from where you are
 shift || true
+cd "$(dirname "$0")"
 seeds=${SEEDS:-0 1 2}
 jobs=${JOBS:-2}
 python=${PYTHON:-python}
