@@ -20,10 +20,10 @@ learning the global embedding help each other (Table 5).
     both directions (v1 -> v2 and v2 -> v1) are summed.
 
 The method's defaults follow the paper and the released LEWEL_B code (LayneH/LEWEL: models/lewel.py,
-main.py, scripts/srun_lewelb_eman.sh): h = 4 groups, scale 1, beta 0.5, EMAN target (eval mode, EMA
-of parameters and BN buffers). LEWEL_M is not released; it is built from the paper (Sec. 3.3) on
-MoCo v2. The CPU defaults shrink the heads (hidden 1024) and use 40-px views so that res5 has 2x2
-positions to align.
+main.py, scripts/srun_lewelb_eman.sh): h = 4 groups, scale 1, beta 0.5; the presets' EMAN target
+(eval mode, EMA of parameters and BN buffers). LEWEL_M is not released; it is built from the paper
+(Sec. 3.3) on MoCo v2. The CPU defaults shrink the heads (hidden 1024) and use 40-px views so that
+res5 has 2x2 positions to align.
 NOTE: two CPU-default departures, both for 60-step runs; every preset keeps the paper's recipe.
   - The target is a plain EMA network in train mode (--no-eman; the 400-epoch recipe's target), not
     EMAN. EMAN's target normalises with running statistics that are an EMA of the online's, which
