@@ -39,7 +39,7 @@ for seed in $seeds; do
     for method in byol ladder_byol dense_byol densesiam lewel mcl; do
         printf '%s\0%s\0' "$method" "$seed"
     done
-done | xargs -0 -n 2 -P "$jobs" bash -c 'train_one "$@" '"${*@Q}" _
+done | xargs -0 -n 2 -P "$jobs" bash -c 'train_one "$@" '"${*@Q}" _  # + the extra args, quoted
 
 ckpts() {  # comma-separated last.pt of the given methods over every seed
     local method seed list=()

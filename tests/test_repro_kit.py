@@ -2,8 +2,10 @@
 table, and the COCO-Stuff-27 builder (cocostuff.py)."""
 
 import importlib
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -367,9 +369,6 @@ fi
 
 
 def test_results_script_trains_every_method_and_seed_then_reports_per_image_size(tmp_path):
-    import os
-    import subprocess
-
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
