@@ -132,6 +132,17 @@ def test_every_preset_parses_and_passes_the_checks(method, task, preset, tmp_pat
     assert cfg.epochs > 0
 
 
+def test_every_preset_sets_its_own_target_momentum():
+    # A preset that left the target momentum out would train a paper recipe with the CPU default
+    # (a 120-step value: README "What the CPU defaults show" has runs at 0.9 and 0.99).
+    for method in METHODS:
+        module = importlib.import_module(method)
+        if not hasattr(module.Config, "tau_base"):
+            continue
+        for name, values in module.PRESETS.items():
+            assert values.get("tau_base", 0) >= 0.98, (method, name)
+
+
 def _lr(cfg, batch=None):
     """Peak lr at the preset's batch (or at `batch` images, same lr per image):
     base_lr * batch / 256."""
