@@ -175,7 +175,11 @@ def embed(net, view):
 
 def byol_loss(predictions, targets):
     """Symmetric BYOL loss: view 1's prediction regresses view 2's target projection and vice
-    versa. Range [0, 8]."""
+    versa. Range [0, 8].
+
+    NOTE: BYOL's online linear classifier on stop-gradient embeddings (deepmind-research
+    byol/byol_experiment.py) is left out: it cannot change the backbone, and the kNN monitor takes
+    its place as the running measure of the features."""
     p1, p2 = predictions
     z1, z2 = targets
     return regression_loss(p1, z2) + regression_loss(p2, z1)

@@ -617,7 +617,14 @@ def dense_regression_loss(prediction, target, query, key):
 @dataclasses.dataclass(frozen=True)
 class ViewRecipe:
     """One view's augmentation recipe. Defaults = BYOL view 1 (BYOL Appendix B, Table 6;
-    google-deepmind/deepmind-research byol/utils/augmentations.py)."""
+    google-deepmind/deepmind-research byol/utils/augmentations.py).
+
+    NOTE: the colour jitter has torchvision's ColorJitter semantics (brightness and contrast as
+    factors, contrast around the grey mean, saturation as a blend with grey), as PyTorch BYOL code
+    has; DeepMind's augmentations.py adds a brightness delta in [-0.4, 0.4], takes contrast around
+    each channel's mean and scales saturation in HSV. The ranges and probabilities are Table 6's.
+    The crop boxes follow torchvision's rule too (sample_crop_boxes), not DeepMind's single draw
+    clipped to the image."""
     crop_scale: tuple = (0.08, 1.0)       # area fraction of the input image
     crop_ratio: tuple = (3 / 4, 4 / 3)    # aspect ratio range (log-uniform)
     interpolation: str = "bicubic"        # bicubic (BYOL) or bilinear (LEWEL, MCL, MoCo v2)
@@ -835,7 +842,7 @@ def adjust_hue(x, shift):
     hue.addcmul_((value == r).to(x.dtype), (g - b).sub_(hue))
     # where delta = 0 the hue is 0 and unused
     hue.div_(delta.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1))
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = hue.unsqueeze(1) + n                                 # B x 3 x H x W
     k.sub_(k.div(6).floor_().mul_(6))                        # mod 6 (faster than remainder_ on CPU)
     return torch.addcmul((value - 2 * delta).unsqueeze(1), delta.unsqueeze(1),
@@ -964,9 +971,17 @@ def color_augment(x, recipe, generator):
     return x
 
 
+_MEAN_STD = {}  # (device, dtype) -> ImageNet mean and std, 1 x 3 x 1 x 1, copied there once
+
+
 def normalize(x):
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    """(x - ImageNet mean) / std per channel. The constants are copied to the device once: a copy
+    from host memory on every call would make the CPU wait for the GPU each step."""
+    key = (x.device, x.dtype)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(values, dtype=x.dtype).view(1, 3, 1, 1).to(x.device)
+                               for values in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _MEAN_STD[key]
     return (x - mean).div_(std)
 
 
@@ -1118,6 +1133,12 @@ class TensorLoader:
 class _ImageFolderSquares(torch.utils.data.Dataset):
     """Image files as uint8 tensors: shorter side resized to `size`, centre square of `size`.
 
+    NOTE: pretraining crops are then taken from this square, not from the whole image as
+    torchvision's RandomResizedCrop and the papers' pipelines take them: the sides of a non-square
+    image are never seen (a 4:3 image loses a quarter of its width), and a small crop is upsampled
+    from the square (256 px for 224-px views) rather than cut from the full-resolution image. It is
+    what makes every batch one uint8 tensor, augmented on the device; a larger --load-size keeps
+    more resolution, not the sides.
     samples: list of (path, label), label -1 in an unlabelled folder. With raw=True the items are
     the undecoded file bytes (decoded later on the device, see FolderLoader).
     """
@@ -1440,17 +1461,17 @@ class LARS(torch.optim.Optimizer):
             if group["lars"]:
                 decay = group["weight_decay"]
                 updates = (torch._foreach_add(grads, params, alpha=decay) if decay != 0
-                           else [g.clone() for g in grads])
+                           else torch._foreach_mul(grads, 1.0))  # a copy
                 weight_norms = torch._foreach_norm(params)
                 if lr_inside:  # ||g|| + wd ||w||
                     update_norms = torch._foreach_add(torch._foreach_norm(grads), weight_norms,
                                                       alpha=decay)
                 else:          # ||g + wd w||
                     update_norms = torch._foreach_norm(updates)
-                ratios = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u,
-                                      torch.ones_like(w))
-                          for w, u in zip(weight_norms, update_norms)]
-                torch._foreach_mul_(updates, ratios)
+                w, u = torch.stack(weight_norms), torch.stack(update_norms)  # one per tensor
+                ratios = torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u,
+                                     torch.ones_like(w))
+                torch._foreach_mul_(updates, list(ratios.unbind(0)))
             else:
                 updates = grads
             buffers = []
@@ -1512,8 +1533,8 @@ def ema_update(pairs, tau):
     """target <- tau * target + (1 - tau) * online, for all tensors in one foreach call."""
     target_list, online_list, copies = pairs
     torch._foreach_lerp_(target_list, online_list, 1.0 - tau)
-    for target_buffer, online_buffer in copies:
-        target_buffer.copy_(online_buffer)
+    if copies:
+        torch._foreach_copy_([target for target, _ in copies], [online for _, online in copies])
 
 
 def make_target(online_modules):
@@ -2189,8 +2210,8 @@ def seg_crop_boxes(batch, size, scale, generator, device):
     feature map (view 2), so the two are only aligned to within half a feature cell
     (test_d5_replay_crop). We round once, on the image, and crop the feature map with the same
     normalised box (float32 geometry even under autocast, see crop_resize), which aligns them
-    exactly. It also draws each image's crop once for the whole run (replay); we draw a new one
-    every step."""
+    exactly. It also draws each image's crop and colour jitter once for the whole run (replay); we
+    draw new ones every step (the colour in SEG_PHOTOMETRIC's color_augment)."""
     u = torch.rand(batch, 4, generator=generator, device=device)
     side_fraction = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     side, top, left = replay_crop(side_fraction, u[:, 1], u[:, 2], size)
@@ -2207,7 +2228,8 @@ def seg_views(colour1, colour2, boxes, flips, size):
     (ReplayRandomResizedCrop in densesiam/datasets/pipelines/index_transforms.py), and view 2 with
     PIL's resize, which antialiases (densesiam/datasets/cluster_replay_dataset.py); the val images
     are PIL-resized too. We antialias both views."""
-    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device).expand(len(boxes), 4)
+    whole = boxes.new_zeros(len(boxes), 4)
+    whole[:, 2:] = 1.0  # (0, 0, 1, 1): the whole image
     view1 = antialiased_crop_resize(colour1, boxes, flips, size)
     view2 = antialiased_crop_resize(colour2, whole, torch.zeros_like(flips), size)
     return normalize(view1), normalize(view2)

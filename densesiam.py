@@ -502,7 +502,9 @@ def self_label_loss(logits, target_logits, rebalance):
     labels = target_logits.detach().argmax(dim=1)                          # B x H x W
     weight = None
     if rebalance:
-        counts = torch.bincount(labels.flatten(), minlength=logits.shape[1]).float()
+        pixels = labels.flatten()  # counted with index_add_: bincount reads its max on the host
+        counts = torch.zeros(logits.shape[1], device=pixels.device).index_add_(
+            0, pixels, torch.ones(pixels.shape, device=pixels.device))
         weight = counts / counts.sum()
     return F.cross_entropy(logits.float(), labels, weight=weight, reduction="none").mean()
 

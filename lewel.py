@@ -352,7 +352,9 @@ def shuffled_key_forward(encode, views, dist, seed):
     size = views[0].shape[0]
     permutation = torch.randperm(gathered[0].shape[0],
                                  generator=torch.Generator().manual_seed(seed))
-    permutation = permutation.to(views[0].device)
+    if views[0].device.type == "cuda":  # from pinned memory: the copy does not wait for the GPU
+        permutation = permutation.pin_memory()
+    permutation = permutation.to(views[0].device, non_blocking=True)
     outputs = encode([images[permutation[dist.rank * size:(dist.rank + 1) * size]]
                       for images in gathered])
     unshuffle = torch.argsort(permutation)  # global row m holds image permutation[m]

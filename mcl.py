@@ -100,6 +100,8 @@ class Config:
     warmup_epochs: float = 1.0       # linear lr warmup; paper: 10
     tau_base: float = 0.99           # initial target momentum, cosine to 1;
                                      # paper: 0.99
+    grad_clip: float = 500.0         # clip the global gradient norm to this (0 = off); official
+                                     # config: 500 (the paper does not say)
     # run
     seed: int = 0
     out: str = "runs/mcl"            # checkpoints, metrics.jsonl
@@ -146,6 +148,7 @@ def check_config(cfg, world_size):
     common.check_common_config(cfg, world_size)
     levels = len(cfg.level_weights)
     common.check(cfg.mode in ("a", "b", "c", "d"), f"--mode must be a, b, c or d, got {cfg.mode!r}")
+    common.check(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     common.check(1 <= levels <= 4, f"--level-weights: 1 to 4 levels (P5..P2), got {levels}")
     common.check(len(cfg.level_copies) == levels,
                  f"--level-copies has {len(cfg.level_copies)} entries "
@@ -548,7 +551,10 @@ def train(cfg, dist):
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
     # NOTE: the official code's LARS form (lr inside the momentum buffer), not byol.py's optax form
-    # (--lars-form optax).
+    # (--lars-form optax). NOTE: the official config excludes parameters from LARS and weight decay
+    # by name (configs/selfsup/MCL/MCL.py: `(bn|gn)(\d+)?.(weight|bias)` and `bias`), which misses
+    # the BN weights named `downsample.1.weight` and `mlp.1.weight` (neck and predictors); we
+    # exclude every 1-D parameter.
     optimizer = common.LARS(
         common.lars_param_groups(model, cfg.weight_decay),
         lr=peak_lr, form=cfg.lars_form)
@@ -632,6 +638,8 @@ def train(cfg, dist):
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip > 0:  # on the device, no host sync
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
             optimizer.step()
             ema_update(ema_pairs, tau)  # target <- tau * target + (1 - tau) * online
             step += 1

@@ -315,6 +315,26 @@ def test_schedules_of_the_imagenet_preset():
             == (1e-5, 100, 1.0, (0.5, 0.25, 0.125, 0.125)))
 
 
+
+def test_the_gradient_norm_is_clipped_before_each_step(tmp_path, monkeypatch):
+    """Official configs/selfsup/MCL/MCL.py: grad_clip max_norm 500, over every online parameter."""
+    assert common.parse_config(mcl.Config, mcl.PRESETS, ["--preset", "imagenet"]).grad_clip == 500
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def recording_clip(parameters, max_norm, **kwargs):
+        parameters = list(parameters)
+        clip(parameters, max_norm, **kwargs)
+        norm = torch.stack([p.grad.norm() for p in parameters if p.grad is not None]).norm()
+        calls.append((max_norm, len(parameters), norm.item()))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    mcl.main(TINY + ["--out", str(tmp_path), "--device", "cpu", "--stop-after", "2",
+                     "--grad-clip", "0.01"])
+    online = len(list(mcl.MCL(common.parse_config(mcl.Config, mcl.PRESETS, TINY)).parameters()))
+    assert [(max_norm, count) for max_norm, count, _ in calls] == [(0.01, online)] * 2
+    assert all(norm <= 0.01 * (1 + 1e-4) for _, _, norm in calls), calls
+
 def tiny_model(mode):
     cfg = common.parse_config(mcl.Config, mcl.PRESETS, TINY + ["--mode", mode])
     torch.manual_seed(0)
