@@ -10,12 +10,13 @@ are printed, never asserted.
 
 The first argument names the method file. Its Config and PRESETS parse the other flags and its
 check_config checks them, as in its main(); the timed runs are its own train(), on derived configs
-(a few steps, no kNN, checkpoints under <out>/benchmark): device-resident synthetic data for the
-device step, the configured --data end to end. On a CPU the device step runs twice, in fp32 and in
-bf16 (--precision), side by side: bf16 pays off only on CPUs with native bf16 (AVX512-BF16, AMX);
-elsewhere it is emulated, and slower.
+(a few steps, no kNN, checkpoints under <out>/benchmark): random uint8 batches made on the device
+for the device step (DeviceBatches), the configured --data end to end. On a CPU the device step
+runs twice, in fp32 and in bf16 (--precision), side by side: bf16 pays off only on CPUs with native
+bf16 (AVX512-BF16, AMX); elsewhere it is emulated, and slower.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -71,6 +72,43 @@ def torchvision_pipeline(recipe, size):
     ])
 
 
+class DeviceBatches:
+    """The device step's input: a few random uint8 batches made on the device, served in turn.
+    Timing needs no real images, and no dataset in memory: the built-in set for the 26 global
+    batches of an ImageNet-preset device step would be about 100k images per process."""
+
+    def __init__(self, batches, batch_per_rank, size, device, seed, pool=4):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.pool = [torch.randint(0, 256, (batch_per_rank, 3, size, size), generator=generator,
+                                   device=device, dtype=torch.uint8) for _ in range(pool)]
+        self.labels = torch.zeros(batch_per_rank, dtype=torch.long, device=device)
+        self.batches, self.start = batches, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.start = start_batch
+
+    def __len__(self):
+        return self.batches
+
+    def __iter__(self):
+        for index in range(self.start, self.batches):
+            yield self.pool[index % len(self.pool)], self.labels
+
+
+@contextlib.contextmanager
+def device_batches(batches, cfg, dist):
+    """Within the block the method's train() gets DeviceBatches from common.make_loaders (no kNN
+    sets: the timed runs stop before any kNN)."""
+    make_loaders = common.make_loaders
+    common.make_loaders = lambda run_cfg, run_dist: (DeviceBatches(
+        batches, cfg.batch_size // dist.world_size, cfg.image_size, dist.device,
+        cfg.seed + dist.rank), None, None)
+    try:
+        yield
+    finally:
+        common.make_loaders = make_loaders
+
+
 def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5, window=5):
     """Time one method: loader alone, augmentation alone (ours vs torchvision per sample), device
     step, end to end. Returns {row: value} and prints them as one table.
@@ -114,24 +152,24 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5, window=5):
     # and in bf16; (4) end to end on cfg.data. The method's own loop, logging every `window` steps.
     base = dict(knn_every=0, log_every=window, ckpt_every_steps=0, keep_every=0, resume=False,
                 stop_after=window * (1 + max(steps // window, 1)))
-    on_device = dict(data="synthetic",
-                     synthetic_size=max(per_rank * dist.world_size * (base["stop_after"] + 1), 256))
+    on_device = lambda: device_batches(base["stop_after"] + 1, cfg, dist)
     if device.type == "cuda":
-        runs = [("device step (synthetic data on device)", on_device)]
+        runs = [("device step (synthetic data on device)", {}, on_device)]
     else:
-        runs = [(f"device step, {precision} (synthetic data on device)",
-                 dict(on_device, precision=precision)) for precision in ("fp32", "bf16")]
+        runs = [(f"device step, {precision} (synthetic data on device)", dict(precision=precision),
+                 on_device) for precision in ("fp32", "bf16")]
     if cfg.data != "synthetic":
-        runs.append((f"end to end ({cfg.data})", {}))
+        runs.append((f"end to end ({cfg.data})", {}, contextlib.nullcontext))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for label, change in runs:
+    for label, change, data in runs:
         run_cfg = dataclasses.replace(cfg, out=str(out), **base, **change)
         metrics = out / "metrics.jsonl"
         if dist.is_main and metrics.exists():
             metrics.unlink()
         common.barrier()
-        train_fn(run_cfg, dist)
+        with data():
+            train_fn(run_cfg, dist)
         if dist.is_main:
             records = [json.loads(line) for line in open(metrics) if "images_per_s" in line][1:]
             middle = len(records) // 2
@@ -146,10 +184,8 @@ def run_benchmark(train_fn, cfg, dist, steps=20, warmup=5, window=5):
         results["peak memory (GiB, process RSS)"] = (
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     # model FLOPs per image from one counted step
-    one_step = dict(base, stop_after=1, **on_device)
-    one_step["synthetic_size"] = max(per_rank * dist.world_size, 256)
-    flop_cfg = dataclasses.replace(cfg, out=str(out), **one_step)
-    with FlopCounterMode(display=False) as counter:
+    flop_cfg = dataclasses.replace(cfg, out=str(out), **dict(base, stop_after=1))
+    with device_batches(2, cfg, dist), FlopCounterMode(display=False) as counter:
         train_fn(flop_cfg, dist)
     flops_per_image = counter.get_total_flops() / per_rank
     results["GFLOP per image (counted, one step)"] = flops_per_image / 1e9

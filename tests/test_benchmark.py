@@ -11,10 +11,15 @@ TINY = ["--synthetic-size", "64", "--image-size", "16", "--batch-size", "8", "--
         "--proj-dim", "32", "--device", "cpu"]
 
 
-def test_benchmark_prints_every_row(tmp_path, capsys):
+def test_benchmark_prints_every_row(tmp_path, capsys, monkeypatch):
     """`python benchmark.py byol ...`, cut to 2 steps per timed run: every row, and on a CPU the
-    device step in fp32 and in bf16 with their ratio."""
+    device step in fp32 and in bf16 with their ratio. The device step builds no dataset: only the
+    loader row makes the built-in set of the flags (64 training + 64 val images)."""
+    make_synthetic, built = common.make_synthetic, []
+    monkeypatch.setattr(common, "make_synthetic", lambda n, *args, **kwargs: (
+        built.append(n), make_synthetic(n, *args, **kwargs))[1])
     results = benchmark.main(["byol", *TINY, "--out", str(tmp_path)], steps=1, warmup=1, window=1)
+    assert set(built) == {128}, built
     out = capsys.readouterr().out
     rows = ("loader alone", "augmentation, batched (ours)", "augmentation, torchvision per sample",
             "device step, fp32 (synthetic data on device)",
