@@ -1139,6 +1139,7 @@ class _ImageFolderSquares(torch.utils.data.Dataset):
     from the square (256 px for 224-px views) rather than cut from the full-resolution image. It is
     what makes every batch one uint8 tensor, augmented on the device; a larger --load-size keeps
     more resolution, not the sides.
+
     samples: list of (path, label), label -1 in an unlabelled folder. With raw=True the items are
     the undecoded file bytes (decoded later on the device, see FolderLoader).
     """
