@@ -215,3 +215,39 @@ def test_dense_match_picks_the_float64_argmax_of_bf16_maps(enclosing_autocast):
     with torch.autocast("cpu", dtype=BF16, enabled=enclosing_autocast):
         matches = common.dense_match(query, key)
     assert torch.equal(matches, cosine.argmax(dim=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# On CUDA: no step between two log points waits for the GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("name", list(CASES))
+def test_steps_between_log_points_never_wait_for_the_gpu(name, tmp_path, monkeypatch):
+    """The loops read values back to the host only every log_every steps (loss check, stop signal,
+    images/s). Here a run logs every 4 steps, and its second to fourth steps (up to the loss check
+    after the fourth) run under torch.cuda.set_sync_debug_mode("error"): .item(), a device-to-host
+    copy, nonzero or a copy from pageable host memory there raises. The first step is left out
+    (lazy initialisation, cuDNN autotuning). Checked on a CPU with a stand-in for the mode switch:
+    every case switches at the second step and back at the loss check."""
+    module, train_name, _, make_config = CASES[name]
+    cfg = dataclasses.replace(make_config(), out=str(tmp_path), device="cuda", synthetic_size=48,
+                              log_every=4, stop_after=4)
+    step_generator, check_finite = common.step_generator, common.check_finite
+
+    def strict_from_step_1(device, seed, rank, step):  # called at the top of every step
+        torch.cuda.set_sync_debug_mode("error" if step >= 1 else "default")
+        return step_generator(device, seed, rank, step)
+
+    def lenient_from_the_loss_check(*args, **kwargs):  # the first read-back of a log point
+        torch.cuda.set_sync_debug_mode("default")
+        return check_finite(*args, **kwargs)
+
+    monkeypatch.setattr(common, "step_generator", strict_from_step_1)
+    monkeypatch.setattr(common, "check_finite", lenient_from_the_loss_check)
+    try:
+        result = getattr(module, train_name)(cfg, common.setup_distributed("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result["step"] == 4
