@@ -229,8 +229,7 @@ def test_steps_between_log_points_never_wait_for_the_gpu(name, tmp_path, monkeyp
     images/s). Here a run logs every 4 steps, and its second to fourth steps (up to the loss check
     after the fourth) run under torch.cuda.set_sync_debug_mode("error"): .item(), a device-to-host
     copy, nonzero or a copy from pageable host memory there raises. The first step is left out
-    (lazy initialisation, cuDNN autotuning). Checked on a CPU with a stand-in for the mode switch:
-    every case switches at the second step and back at the loss check."""
+    (lazy initialisation, cuDNN autotuning)."""
     module, train_name, _, make_config = CASES[name]
     cfg = dataclasses.replace(make_config(), out=str(tmp_path), device="cuda", synthetic_size=48,
                               log_every=4, stop_after=4)
