@@ -1510,14 +1510,15 @@ def ema_pairs(target, online, buffers=False):
     modules).
 
     buffers=True also averages floating-point buffers (BN running stats, as EMAN does); integer
-    buffers such as num_batches_tracked are returned separately to be copied.
+    buffers such as num_batches_tracked are returned separately to be copied, as two lists (target,
+    online) that ema_update hands to one foreach copy.
     """
     online_params = dict(online.named_parameters())
     target_list, online_list = [], []
     for name, param in target.named_parameters():
         target_list.append(param)
         online_list.append(online_params[name])
-    copies = []
+    copy_targets, copy_sources = [], []
     if buffers:
         online_buffers = dict(online.named_buffers())
         for name, buffer in target.named_buffers():
@@ -1525,17 +1526,18 @@ def ema_pairs(target, online, buffers=False):
                 target_list.append(buffer)
                 online_list.append(online_buffers[name])
             else:
-                copies.append((buffer, online_buffers[name]))
-    return target_list, online_list, copies
+                copy_targets.append(buffer)
+                copy_sources.append(online_buffers[name])
+    return target_list, online_list, (copy_targets, copy_sources)
 
 
 @torch.no_grad()
 def ema_update(pairs, tau):
     """target <- tau * target + (1 - tau) * online, for all tensors in one foreach call."""
-    target_list, online_list, copies = pairs
+    target_list, online_list, (copy_targets, copy_sources) = pairs
     torch._foreach_lerp_(target_list, online_list, 1.0 - tau)
-    if copies:
-        torch._foreach_copy_([target for target, _ in copies], [online for _, online in copies])
+    if copy_targets:
+        torch._foreach_copy_(copy_targets, copy_sources)
 
 
 def make_target(online_modules):

@@ -504,7 +504,7 @@ def self_label_loss(logits, target_logits, rebalance):
     if rebalance:
         pixels = labels.flatten()  # counted with index_add_: bincount reads its max on the host
         counts = torch.zeros(logits.shape[1], device=pixels.device).index_add_(
-            0, pixels, torch.ones(pixels.shape, device=pixels.device))
+            0, pixels, torch.ones_like(pixels, dtype=torch.float))
         weight = counts / counts.sum()
     return F.cross_entropy(logits.float(), labels, weight=weight, reduction="none").mean()
 
