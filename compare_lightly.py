@@ -20,7 +20,7 @@ Commands:
     python compare_lightly.py --make-digits data/digits   # 1,797 real digit scans (scikit-learn)
     python compare_lightly.py --data data/digits --epochs 10 --knn-every 5   # seeds 0,1,2
     python compare_lightly.py --data synthetic --epochs 6 --knn-every 3
-    python compare_lightly.py --data data/digits --epochs 10 --knn-every 5 -- --preset sgd
+    python compare_lightly.py --data data/digits --epochs 10 --knn-every 5 -- --preset lars
                                                    # flags after -- go to byol.py (ours only)
 """
 

@@ -84,7 +84,7 @@ class Config:
     tau_base: float = 0.99           # initial target momentum, cosine to 1;
                                      # paper: "as BYOL" (0.99 for 100-300 ep)
     predictor_lr_mult: float = 10.0  # predictor lr = this x the lr; paper: 1 (presets). See NOTE
-                                     # (every predictor). NOTE: 10 on CPU, see byol.py
+                                     # (every predictor). NOTE: 10 on CPU, as byol.py --preset lars
     # run
     seed: int = 0
     out: str = "runs/dense_byol"     # checkpoints, metrics.jsonl

@@ -32,7 +32,7 @@ NOTE: two CPU-default departures, both for 60-step runs; every preset keeps the 
     mode), so the predictors only had to output one shared direction: the loss fell from 4.1 to 0.5
     in 10 steps (1.9 without EMAN). res5 kNN after the 3 epochs (seed 0, one thread; 71.1 % at
     random init): 53.4 % with EMAN, 60.4 % without.
-  - As in byol.py, the predictors q and s train at 10x the lr (--predictor-lr-mult 10). With EMAN,
+  - As in byol.py --preset lars, the predictors q and s train at 10x the lr. With EMAN,
     seed 0, 2 threads: res5 kNN 51.4 % with 10x, 45.1 % with 1x.
 NOTE: h = 4 is the paper's value for LEWEL_B only (Sec. 4.4, Table 7: "when h = 4, LEWEL_B performs
 consistently well regardless the value of d. Thus we simply use d [h] = 4 for LEWEL_B"; the released

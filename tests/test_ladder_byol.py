@@ -257,12 +257,17 @@ def test_bad_flags(tmp_path, capsys, args, message):
 
 
 def test_predictor_learning_rate_factor_defaults():
-    """10x on the CPU default (as byol.py), 1x in every paper preset; the predictors are the modules
-    it applies to."""
-    assert ladder_byol.Config().predictor_lr_mult == 10.0
-    for name in ladder_byol.PRESETS:
+    """byol.py's recipes: SGD and 1x on the CPU default, 10x in --preset lars, LARS and 1x in every
+    paper preset; every preset names its optimizer."""
+    assert (ladder_byol.Config().predictor_lr_mult, ladder_byol.Config().optimizer) == (1.0, "sgd")
+    for name, values in ladder_byol.PRESETS.items():
+        assert values["optimizer"] == "lars", name
         cfg = common.parse_config(ladder_byol.Config, ladder_byol.PRESETS, ["--preset", name])
-        assert cfg.predictor_lr_mult == 1.0
+        assert cfg.predictor_lr_mult == (10.0 if name == "lars" else 1.0), name
+    for field in ("optimizer", "base_lr", "weight_decay", "warmup_epochs", "tau_base",
+                  "predictor_lr_mult", "epochs", "batch_size", "crop_min_scale"):
+        assert getattr(ladder_byol.Config(), field) == getattr(byol.Config(), field), field
+        assert ladder_byol.PRESETS["lars"].get(field) == byol.PRESETS["lars"].get(field), field
 
 
 # --- a dense rung by hand: Eq. 5 and Eq. 7 written as loops ---------------------------------------

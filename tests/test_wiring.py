@@ -214,7 +214,8 @@ def byol_tau(step, total, tau_base):
 # 64 images, batch 16: 4 steps per epoch, 8 in all; warmup 2 steps (lr 0 at step 0, so the target
 # still equals the online network at step 1 and the first informative step is 2); tau_base 0.5 makes
 # the EMA move visible.
-BYOL_ARGS = ["--synthetic-size", "64", "--image-size", "32", "--batch-size", "16",
+BYOL_ARGS = ["--optimizer", "lars", "--predictor-lr-mult", "10",  # --preset lars's optimiser
+             "--synthetic-size", "64", "--image-size", "32", "--batch-size", "16",
              "--hidden-dim", "64", "--proj-dim", "32", "--epochs", "2", "--warmup-epochs", "0.5",
              "--base-lr", "8", "--tau-base", "0.5", "--weight-decay", "0.01", "--knn-every", "0",
              "--log-every", "1", "--device", "cpu"]
@@ -297,7 +298,8 @@ class TestBYOL:
 
 # 32 images, batch 8: 4 steps, warmup 2 (lr 0 at step 0); res2 and res3 dense; dense weight 0.3 (not
 # 0.5, so the global and dense terms cannot trade places unseen).
-LADDER_ARGS = ["--synthetic-size", "32", "--image-size", "32", "--batch-size", "8",
+LADDER_ARGS = ["--optimizer", "lars", "--predictor-lr-mult", "10",  # --preset lars's optimiser
+               "--synthetic-size", "32", "--image-size", "32", "--batch-size", "8",
                "--hidden-dim", "32", "--proj-dim", "16", "--dense-hidden-dim", "16",
                "--epochs", "1", "--warmup-epochs", "0.5", "--base-lr", "32", "--tau-base", "0.5",
                "--weight-decay", "0.01", "--dense-stages", "res2,res3", "--dense-weight", "0.3",
