@@ -248,6 +248,7 @@ def test_resume_refuses_a_checkpoint_with_other_heads(tmp_path, capsys):
     (["--match-on", "pixels"], "--match-on must be"),
     (["--dense-hidden-dim", "-1"], "--dense-hidden-dim must be >= 0"),
     (["--dense-mode", "sum"], "--dense-mode must be average or replace"),
+    (["--optimizer", "adam"], "--optimizer must be lars or sgd, not 'adam'"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -268,6 +269,19 @@ def test_predictor_learning_rate_factor_defaults():
                   "predictor_lr_mult", "epochs", "batch_size", "crop_min_scale"):
         assert getattr(ladder_byol.Config(), field) == getattr(byol.Config(), field), field
         assert ladder_byol.PRESETS["lars"].get(field) == byol.PRESETS["lars"].get(field), field
+
+
+def test_cpu_default_trains_with_plain_sgd_and_preset_lars_with_lars(tmp_path):
+    """The optimiser the config names is the one that steps: torch's SGD without momentum by
+    default, LARS (trust coefficient 1e-3, momentum 0.9) under --preset lars."""
+    for name, args in (("sgd", []), ("lars", ["--preset", "lars"])):
+        ladder_byol.main(["--out", str(tmp_path / name), "--stop-after", "1"] + TINY + args)
+        groups = torch.load(tmp_path / name / "last.pt", weights_only=True)["optimizer"][
+            "param_groups"]
+        if name == "sgd":
+            assert all(g["momentum"] == 0 and "trust_coefficient" not in g for g in groups)
+        else:
+            assert all(g["momentum"] == 0.9 and g["trust_coefficient"] == 1e-3 for g in groups)
 
 
 # --- a dense rung by hand: Eq. 5 and Eq. 7 written as loops ---------------------------------------
