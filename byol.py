@@ -15,8 +15,8 @@ NOTE: the CPU defaults are not the paper's recipe: plain SGD without momentum at
 0.48), no warmup, tau 0.996, where the paper uses LARS (the presets keep it). At batch 128 and
 100-120 steps this SGD gains over random init as much as a peer BYOL built from lightly's modules on
 a real image set (scikit-learn's digits), and more than the peer on the built-in data; LARS at the
-CPU size (--preset lars) gains more on the built-in data and nothing on the digits. README "What
-the CPU defaults show" has the runs and what they do not show.
+CPU size (--preset lars) gains about as much on the built-in data and nothing on the digits. README
+"What the CPU defaults show" has the runs and what they do not show.
 
 This file is the template of the repo: ladder_byol.py, dense_byol.py, densesiam.py, lewel.py and
 mcl.py copy its skeleton (config -> model -> loss -> train loop -> main) and differ only where the
@@ -113,8 +113,8 @@ PRESETS = {
     "imagenet-400ep": dict(_IMAGENET, epochs=400, base_lr=0.45),
     # NOTE: not a paper recipe. LARS at the CPU size: lr 0.5, a 1-epoch warmup, the predictor at
     # 10x the lr (BYOL wants it near-optimal for the current target, and 120 steps leave it little
-    # time), tau 0.99. It gains more than the CPU defaults on the built-in data and nothing on the
-    # digits (README "What the CPU defaults show").
+    # time), tau 0.99. On the built-in data it gains about as much as the CPU defaults, on the
+    # digits nothing (README "What the CPU defaults show").
     "lars": dict(optimizer="lars", base_lr=1.0, warmup_epochs=1.0, predictor_lr_mult=10.0,
                  tau_base=0.99),
     # CIFAR-10 with the usual small-image changes (3x3 stem, 32 px); not a paper recipe.
