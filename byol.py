@@ -128,8 +128,8 @@ def check_config(cfg, world_size):
     """What main() checks before any data or model is built: the common checks and the
     optimizer."""
     common.check_common_config(cfg, world_size)
-    if cfg.optimizer not in ("lars", "sgd"):
-        raise common.InputError(f"--optimizer must be lars or sgd, not {cfg.optimizer!r}")
+    common.check(cfg.optimizer in common.BYOL_OPTIMIZERS,
+                 f"--optimizer must be lars or sgd, not {cfg.optimizer!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,10 +199,7 @@ def train(cfg, dist):
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     ema_pairs = common.ema_pairs(target, model)
     groups = common.lars_param_groups(model, cfg.weight_decay, {"predictor": cfg.predictor_lr_mult})
-    if cfg.optimizer == "lars":
-        optimizer = common.LARS(groups, lr=peak_lr)
-    else:  # the CPU default: plain SGD (weight decay on weights only, as LARS's)
-        optimizer = torch.optim.SGD(groups, lr=peak_lr)
+    optimizer = common.byol_optimizer(cfg.optimizer, groups, peak_lr)  # LARS or plain SGD
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt

@@ -1490,6 +1490,17 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
+BYOL_OPTIMIZERS = ("lars", "sgd")
+
+
+def byol_optimizer(name, groups, lr):
+    """The optimiser of byol.py and ladder_byol.py (--optimizer): "lars", the papers' LARS, or
+    "sgd", plain SGD without momentum (their CPU default, see byol.py's NOTE). Both take
+    lars_param_groups' groups, so weight decay is on weights only either way. check_config has
+    checked the name."""
+    return LARS(groups, lr=lr) if name == "lars" else torch.optim.SGD(groups, lr=lr)
+
+
 def lr_at(step, total_steps, warmup_steps, peak_lr, final_lr=0.0):
     """Linear warmup from 0 over warmup_steps, then cosine decay from peak_lr to final_lr at
     total_steps."""

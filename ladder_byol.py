@@ -184,8 +184,8 @@ def stage_weights(cfg):
 def check_config(cfg, world_size):
     """What main() checks before any data or model is built: the common checks and the ladder's."""
     common.check_common_config(cfg, world_size)
-    if cfg.optimizer not in ("lars", "sgd"):
-        raise InputError(f"--optimizer must be lars or sgd, not {cfg.optimizer!r}")
+    common.check(cfg.optimizer in common.BYOL_OPTIMIZERS,
+                 f"--optimizer must be lars or sgd, not {cfg.optimizer!r}")
     weights = stage_weights(cfg)
     common.check(all(value >= 0 for value in weights.values()),
                  f"--weights must be >= 0, got {weights}")
@@ -364,10 +364,7 @@ def train(cfg, dist):
     predictor_lr_mults = {"predictor": cfg.predictor_lr_mult,
                           "dense_predictor": cfg.predictor_lr_mult}
     groups = common.lars_param_groups(model, cfg.weight_decay, predictor_lr_mults)
-    if cfg.optimizer == "lars":
-        optimizer = common.LARS(groups, lr=peak_lr)
-    else:  # plain SGD (weight decay on weights only, as LARS's)
-        optimizer = torch.optim.SGD(groups, lr=peak_lr)
+    optimizer = common.byol_optimizer(cfg.optimizer, groups, peak_lr)  # LARS or plain SGD
 
     step = 0
     if common.should_resume(cfg):  # --resume, or a torchrun --max-restarts restart with a last.pt
