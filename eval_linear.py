@@ -51,7 +51,7 @@ Protocols (kNN always; the linear probe by --protocol, values in PROTOCOLS below
              mIoU on the val split (common.segmentation_iou). No paper's protocol (the papers
              fine-tune segmenters). Stages: res2..res5, p2..p5 (an MCL checkpoint's FPN) and
              "pixels" (the normalised input: what colour alone tells a linear classifier).
-             Data: --data synthetic (make_synthetic's part masks: background, bar, disc), or a
+             Data: --data synthetic (make_synthetic's masks: background or the digit), or a
              folder in one of common.DENSE_LAYOUTS (Pascal VOC, <split>/images + <split>/masks,
              cocostuff.py's output).
     view distance  (--view-distance, instead of kNN and probe) two BYOL views of every val image
@@ -1090,7 +1090,7 @@ def describe_dense(cfg):
 
 def class_names(data, num_classes):
     """Names of a dense set's classes: the built-in parts, Pascal VOC's classes, else the ids."""
-    known = {"synthetic": common.SYNTHETIC_PARTS, "voc": common.VOC_CLASS_NAMES}
+    known = {"synthetic": common.SYNTHETIC_CLASSES, "voc": common.VOC_CLASS_NAMES}
     names = known.get(common.dense_layout(data), ())
     return [names[index] if index < len(names) else str(index) for index in range(num_classes)]
 

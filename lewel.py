@@ -27,13 +27,10 @@ res5 has 2x2 positions to align.
 NOTE: two CPU-default departures, both for 60-step runs; every preset keeps the paper's recipe.
   - The target is a plain EMA network in train mode (--no-eman; the 400-epoch recipe's target), not
     EMAN. EMAN's target normalises with running statistics that are an EMA of the online's, which
-    start at mean 0, variance 1; 60 steps are too few to forget them. After 10 steps that target
-    put 256 different images at a mean pairwise cosine of 0.94 (0.36 for the same weights in train
-    mode), so the predictors only had to output one shared direction: the loss fell from 4.1 to 0.5
-    in 10 steps (1.9 without EMAN). res5 kNN after the 3 epochs (seed 0, one thread; 71.1 % at
-    random init): 53.4 % with EMAN, 60.4 % without.
-  - As in byol.py --preset lars, the predictors q and s train at 10x the lr. With EMAN,
-    seed 0, 2 threads: res5 kNN 51.4 % with 10x, 45.1 % with 1x.
+    start at mean 0, variance 1; 60 steps are too few to forget them. Such a target maps different
+    images to nearly one direction, so the predictors only have to output that direction, and the
+    loss falls without the features learning (README, "Six default runs side by side").
+  - As in byol.py --preset lars, the predictors q and s train at 10x the lr.
 NOTE: h = 4 is the paper's value for LEWEL_B only (Sec. 4.4, Table 7: "when h = 4, LEWEL_B performs
 consistently well regardless the value of d. Thus we simply use d [h] = 4 for LEWEL_B"; the released
 scripts set LEWEL_NUM_HEADS=4, main.py's --lewel-num-heads defaults to 8). The paper gives no h for

@@ -7,6 +7,7 @@
 #   bash results.sh                 # seeds 0 1 2, two 1-thread runs at a time: about 2 h 15 min on a
 #                                   # 2-core CPU (training ~1 h 30 min, the four reports ~45 min)
 #   SEEDS="0" JOBS=1 bash results.sh runs/one_seed
+#   METHODS="byol ladder_byol" bash results.sh     # only these methods, and only their report
 #
 # Writes into the output folder (default runs/results): <method>_s<seed>/ (checkpoints,
 # metrics.jsonl), <method>_s<seed>.log, times.txt (wall seconds per run) and the reports
@@ -18,6 +19,7 @@ out=$(realpath -m "${1:-$(dirname "$0")/runs/results}")  # a relative folder: fr
 shift || true
 cd "$(dirname "$0")"
 seeds=${SEEDS:-0 1 2}
+methods=${METHODS:-byol ladder_byol dense_byol densesiam lewel mcl}
 jobs=${JOBS:-2}
 python=${PYTHON:-python}
 mkdir -p "$out"
@@ -36,7 +38,7 @@ export -f train_one
 export out python
 
 for seed in $seeds; do
-    for method in byol ladder_byol dense_byol densesiam lewel mcl; do
+    for method in $methods; do
         printf '%s\0%s\0' "$method" "$seed"
     done
 done | xargs -0 -n 2 -P "$jobs" bash -c 'train_one "$@" '"${*@Q}" _  # + the extra args, quoted
@@ -50,16 +52,17 @@ ckpts() {  # comma-separated last.pt of the given methods over every seed
     echo "${list[*]}"
 }
 
-report() {  # name checkpoints stages
-    local start=$SECONDS
+report() {  # name checkpoints stages, when every method of the report was trained
+    local method start=$SECONDS
+    for method in $4; do [[ " $methods " == *" $method "* ]] || return 0; done
     "$python" eval_linear.py --random-init --ckpt "$2" --dense --stage "$3" --protocol none \
         --report "$out/$1.md" > "$out/$1.log" 2>&1
     echo "report $1 $((SECONDS - start)) s" >> "$out/times.txt"
 }
 
 stages=res2,res3,res4,res5
-report results_32px "$(ckpts byol ladder_byol)" "$stages"
-report results_mcl "$(ckpts mcl)" "$stages,p2,p3,p4,p5"       # 32 px, + MCL's FPN levels
-report results_40px "$(ckpts dense_byol lewel)" "$stages"     # both train at 40 px
-report results_64px "$(ckpts densesiam)" "$stages"            # DenseSiam trains at 64 px
+report results_32px "$(ckpts byol ladder_byol)" "$stages" "byol ladder_byol"
+report results_mcl "$(ckpts mcl)" "$stages,p2,p3,p4,p5" mcl    # 32 px, + MCL's FPN levels
+report results_40px "$(ckpts dense_byol lewel)" "$stages" "dense_byol lewel"  # both at 40 px
+report results_64px "$(ckpts densesiam)" "$stages" densesiam   # DenseSiam trains at 64 px
 echo "reports: $out/results_{32px,mcl,40px,64px}.md; wall times: $out/times.txt"

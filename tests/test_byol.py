@@ -81,19 +81,18 @@ def view_alignment_gap(backbone, images, seed=0):
 
 
 @pytest.mark.default_run
-def test_default_run_aligns_the_views_and_keeps_the_knn(default_run):
-    """The README's quick start, as a user runs it: `python byol.py` on the built-in data (in the
+def test_default_run_aligns_the_views_and_lifts_the_knn(default_run):
+    """The README's quick start, as a user runs it: `python byol.py` on the built-in digits (in the
     background on one thread, see conftest.py). The loss goes down; two views of one image end
-    closer, relative to views of different images, than under the random-init backbone (seed 0 on
-    one thread: gap 0.115 trained vs 0.027 at init, required factor 1.5); the kNN top-1 of the
-    frozen backbone ends no more than 2 points below its random-init value. That kNN bound is loose
-    on purpose: over 3 seeds the default run's kNN gain is +2.1 +- 1.1 points (README "What the CPU
-    defaults show"; seed 0: +4.5 with 2 threads, +2.3 with 1), too small for a higher bar that a
-    rerun on another CPU cannot flip."""
+    closer, relative to views of different images, than under the random-init backbone (required
+    factor 1.5); the kNN top-1 of the frozen backbone ends at least 5 points above its random-init
+    value. Over seeds 0, 1, 2 on one thread the gain is +11.3, +12.3 and +6.9 points (README "What
+    the CPU defaults show"), so a rerun on another CPU would have to lose more than half of seed 0's
+    gain to fail."""
     rows = [json.loads(line) for line in open(default_run / "metrics.jsonl")]
     knn = [row["knn_top1"] for row in rows if "knn_top1" in row]
     assert len(knn) == 2
-    assert knn[1] > knn[0] - 2.0, knn
+    assert knn[1] > knn[0] + 5.0, knn
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses[-1] < losses[0]
     state = torch.load(default_run / "last.pt", weights_only=True)

@@ -48,23 +48,30 @@ def test_miou_by_hand():
 # --------------------------------------------------------------------------------------------------
 # Built-in part masks
 
-def test_synthetic_masks_leave_the_images_unchanged_and_follow_each_crop():
+def test_synthetic_masks_leave_the_images_unchanged_and_label_the_strokes_with_the_digit():
     images, labels = common.make_synthetic(40, 32, seed=7)
     same, same_labels, masks = common.make_synthetic(40, 32, seed=7, with_masks=True)
     assert torch.equal(images, same) and torch.equal(labels, same_labels)
     assert masks.shape == (40, 32, 32) and masks.dtype == torch.int64
-    assert set(masks.unique().tolist()) == {0, 1, 2}                       # background, bar, disc
-    # A scene's background is one colour, so the pixels a mask calls background have one colour
-    # per image (up to noise and blended edges) only where the mask is cut like its image: with
-    # the mask mirrored, some image's "background" is mostly shapes.
-    def uniform_background(image, mask):
-        background = image.float()[:, mask == 0]                           # 3 x pixels
-        deviation = (background - background.median(dim=1).values[:, None]).abs().amax(dim=0)
-        return (deviation <= 25).float().mean().item()
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    for image, label, mask in zip(images, labels, masks):
+        assert set(mask.unique().tolist()) == {0, 1 + label.item()}    # background, the digit
+        # the mask is where the image is at least 30 % white (255 * 0.3 = 76.5, up to rounding)
+        assert ((mask > 0) == (image[0] >= 77)).float().mean() > 0.99
+        assert (mask.flip(-1) > 0).logical_xor(mask > 0).any()          # not mirror-symmetric
+    assert len(common.SYNTHETIC_CLASSES) == 11 and common.dense_num_classes("synthetic") == 11
 
-    aligned = [uniform_background(image, mask) for image, mask in zip(images, masks)]
-    mirrored = [uniform_background(image, mask.flip(-1)) for image, mask in zip(images, masks)]
-    assert min(aligned) > 0.85 and min(mirrored) < 0.5
+
+def test_synthetic_digits_differ_by_shape_not_by_ink():
+    """Each class is a shape: the mean image of a digit over many poses differs from every other
+    digit's, while the amount of ink (mean brightness) does not tell them apart."""
+    images, labels = common.make_synthetic(2000, 32, seed=1)
+    grey = images[:, 0].float() / 255
+    means = torch.stack([grey[labels == digit].mean(0) for digit in range(10)])  # 10 x 32 x 32
+    distances = torch.cdist(means.flatten(1), means.flatten(1))
+    assert distances[~torch.eye(10, dtype=torch.bool)].min() > 0.5
+    ink = torch.stack([grey[labels == digit].mean() for digit in range(10)])
+    assert ink.max() - ink.min() < 0.1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +258,7 @@ def test_dense_probe_end_to_end_one_row_per_checkpoint(dense_run):
         assert set(row) == {"res2", "res3", "pixels"}
         for stage, cell in row.items():
             assert 0 <= cell["dense_miou"] <= 100 and 0 <= cell["dense_pixel_acc"] <= 100
-            assert list(cell["dense_iou"]) == ["background", "bar", "disc"]
+            assert list(cell["dense_iou"]) == list(common.SYNTHETIC_CLASSES)  # background, 0..9
             assert ("knn" in cell) == (stage != "pixels")                   # kNN on res2..res5 only
     # the input is the same for every row, so is its probe
     assert len({row["pixels"]["dense_miou"] for row in rows.values()}) == 1
@@ -303,7 +310,7 @@ def test_report_holds_the_printed_tables(dense_run):
             assert line == [f"{rows[label][stage][key]:.2f}" for stage in columns]
     header, body = markdown_table(text, "dense IoU per class (%; -: in neither labels nor "
                                         "predictions)")
-    assert header == ["checkpoint", "stage", "background", "bar", "disc"]
+    assert header == ["checkpoint", "stage", *common.SYNTHETIC_CLASSES]
     assert [line[:2] for line in body] == [[label, stage] for label in rows
                                            for stage in every_stage]
     for label, stage, *ious in body:

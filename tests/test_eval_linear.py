@@ -415,7 +415,7 @@ def test_semi_finetune_trains_the_backbone(tmp_path):
 
 def box_scenes(count, size, seed):
     """Images with a bar (label 1) in the top half and a disc (label 2) in the bottom half on a
-    plain background (the shapes of common._scene); boxes and masks from the drawn pixels."""
+    plain background; boxes and masks from the drawn pixels."""
     generator = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     images, targets = [], []
