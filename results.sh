@@ -52,17 +52,18 @@ ckpts() {  # comma-separated last.pt of the given methods over every seed
     echo "${list[*]}"
 }
 
-report() {  # name checkpoints stages, when every method of the report was trained
-    local method start=$SECONDS
-    for method in $4; do [[ " $methods " == *" $method "* ]] || return 0; done
-    "$python" eval_linear.py --random-init --ckpt "$2" --dense --stage "$3" --protocol none \
-        --report "$out/$1.md" > "$out/$1.log" 2>&1
-    echo "report $1 $((SECONDS - start)) s" >> "$out/times.txt"
+report() {  # name stages methods...: their checkpoints, when every one of the methods was trained
+    local name=$1 stages=$2 method start=$SECONDS
+    shift 2
+    for method in "$@"; do [[ " $methods " == *" $method "* ]] || return 0; done
+    "$python" eval_linear.py --random-init --ckpt "$(ckpts "$@")" --dense --stage "$stages" \
+        --protocol none --report "$out/$name.md" > "$out/$name.log" 2>&1
+    echo "report $name $((SECONDS - start)) s" >> "$out/times.txt"
 }
 
 stages=res2,res3,res4,res5
-report results_32px "$(ckpts byol ladder_byol)" "$stages" "byol ladder_byol"
-report results_mcl "$(ckpts mcl)" "$stages,p2,p3,p4,p5" mcl    # 32 px, + MCL's FPN levels
-report results_40px "$(ckpts dense_byol lewel)" "$stages" "dense_byol lewel"  # both at 40 px
-report results_64px "$(ckpts densesiam)" "$stages" densesiam   # DenseSiam trains at 64 px
+report results_32px "$stages" byol ladder_byol
+report results_mcl "$stages,p2,p3,p4,p5" mcl         # 32 px, + MCL's FPN levels
+report results_40px "$stages" dense_byol lewel       # both train at 40 px
+report results_64px "$stages" densesiam              # DenseSiam trains at 64 px
 echo "reports: $out/results_{32px,mcl,40px,64px}.md; wall times: $out/times.txt"

@@ -414,3 +414,22 @@ def test_results_script_trains_every_method_and_seed_then_reports_per_image_size
     assert subprocess.run(["bash", "results.sh", str(out)], cwd=ROOT, env=env,
                           timeout=60).returncode == 0
     assert all(line.startswith("eval_linear.py") for line in calls.read_text().splitlines())
+
+
+def test_results_script_trains_and_reports_only_the_methods_asked_for(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), SEEDS="0", JOBS="1",
+               METHODS="byol ladder_byol")
+    assert subprocess.run(["bash", "results.sh", str(out)], cwd=ROOT, env=env,
+                          timeout=60).returncode == 0
+    lines = calls.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["byol.py", "eval_linear.py",
+                                                         "ladder_byol.py"]
+    report = next(line for line in lines if line.startswith("eval_linear.py")).split()
+    assert report[report.index("--report") + 1] == f"{out}/results_32px.md"
+    assert report[report.index("--ckpt") + 1] == (f"{out}/byol_s0/last.pt,"
+                                                  f"{out}/ladder_byol_s0/last.pt")
