@@ -8,6 +8,7 @@
 #                                   # 2-core CPU (training ~1 h 30 min, the four reports ~45 min)
 #   SEEDS="0" JOBS=1 bash results.sh runs/one_seed
 #   METHODS="byol ladder_byol" bash results.sh     # only these methods, and only their report
+#   PRECISION=fp32 bash results.sh                  # --precision of every run and report (auto)
 #
 # Writes into the output folder (default runs/results): <method>_s<seed>/ (checkpoints,
 # metrics.jsonl), <method>_s<seed>.log, times.txt (wall seconds per run) and the reports
@@ -21,6 +22,7 @@ cd "$(dirname "$0")"
 seeds=${SEEDS:-0 1 2}
 methods=${METHODS:-byol ladder_byol dense_byol densesiam lewel mcl}
 jobs=${JOBS:-2}
+precision=${PRECISION:-auto}  # auto = bf16 on CPUs with native bf16, fp32 elsewhere (README)
 python=${PYTHON:-python}
 mkdir -p "$out"
 
@@ -29,13 +31,14 @@ train_one() {  # method seed extra-args...: one default run on one thread, timed
     shift 2
     [[ -e "$run/done" ]] && return 0
     local start=$SECONDS
-    OMP_NUM_THREADS=1 "$python" "$method.py" --seed "$seed" --out "$run" "$@" \
-        > "$run.log" 2>&1 || { echo "$method seed $seed failed: see $run.log" >&2; return 1; }
+    OMP_NUM_THREADS=1 "$python" "$method.py" --seed "$seed" --out "$run" \
+        --precision "$precision" "$@" > "$run.log" 2>&1 \
+        || { echo "$method seed $seed failed: see $run.log" >&2; return 1; }
     echo "$method s$seed $((SECONDS - start)) s" >> "$out/times.txt"
     touch "$run/done"
 }
 export -f train_one
-export out python
+export out python precision
 
 for seed in $seeds; do
     for method in $methods; do
@@ -57,7 +60,7 @@ report() {  # name stages methods...: their checkpoints, when every one of the m
     shift 2
     for method in "$@"; do [[ " $methods " == *" $method "* ]] || return 0; done
     "$python" eval_linear.py --random-init --ckpt "$(ckpts "$@")" --dense --stage "$stages" \
-        --protocol none --report "$out/$name.md" > "$out/$name.log" 2>&1
+        --protocol none --precision "$precision" --report "$out/$name.md" > "$out/$name.log" 2>&1
     echo "report $name $((SECONDS - start)) s" >> "$out/times.txt"
 }
 

@@ -385,20 +385,22 @@ def test_results_script_trains_every_method_and_seed_then_reports_per_image_size
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), SEEDS="0 1", JOBS="2")
+    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), SEEDS="0 1", JOBS="2",
+               PRECISION="fp32")
     run = subprocess.run(["bash", "results.sh", str(out), "--epochs", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     lines = calls.read_text().splitlines()
     trained = sorted(line for line in lines if not line.startswith("eval_linear.py"))
-    assert trained == sorted(f"{method}.py --seed {seed} --out {out}/{method}_s{seed} --epochs 1"
-                             for method in METHODS for seed in (0, 1))
+    assert trained == sorted(f"{method}.py --seed {seed} --out {out}/{method}_s{seed} "
+                             "--precision fp32 --epochs 1" for method in METHODS for seed in (0, 1))
     reports = {}
     for line in lines:
         if line.startswith("eval_linear.py"):
             words = line.split()
             assert {"--random-init", "--dense"} <= set(words)
             value = dict(zip(words, words[1:]))
+            assert value["--precision"] == "fp32"
             reports[Path(value["--report"]).stem] = (value["--ckpt"].split(","), value["--stage"])
     stages = "res2,res3,res4,res5"
 
