@@ -9,7 +9,7 @@ fixture: the run starts as a one-thread subprocess as soon as the tests are coll
 tests run beside it on the other core, and the marked tests are moved to the end, where they wait
 for it.
 
-Tests run as on a CPU without native bf16, so --precision auto is fp32 on every test machine and the
+Tests run as on a CPU without native bf16, so --precision auto is fp32 in every test process and the
 numbers recomputed by hand stay float32; a test of the detection sets the two probes itself.
 """
 import os
@@ -77,7 +77,12 @@ def intra_op_threads():
     torch.set_num_threads(DEFAULT_THREADS)
 
 
-@pytest.fixture(autouse=True)
-def no_native_bf16(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def no_native_bf16():
+    """Session-wide, so that the training runs of class-scoped fixtures see it too. Subprocesses
+    (CLI runs, torchrun launches, the default run) see the real CPU."""
+    patch = pytest.MonkeyPatch()
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+        patch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    yield
+    patch.undo()
