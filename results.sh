@@ -4,8 +4,8 @@
 # the dense linear probe per stage, against the random-init network of that size; mean +- std over
 # the seeds).
 #
-#   bash results.sh                 # seeds 0 1 2, two 1-thread runs at a time: about 2 h 15 min on a
-#                                   # 2-core CPU (training ~1 h 30 min, the four reports ~45 min)
+#   bash results.sh                 # seeds 0 1 2, two 1-thread runs at a time: 1 h 20 min to 2 h 15 min
+#                                   # on a 2-core CPU (training 45-90 min, the four reports 30-45 min)
 #   SEEDS="0" JOBS=1 bash results.sh runs/one_seed
 #   METHODS="byol ladder_byol" bash results.sh     # only these methods, and only their report
 #   PRECISION=fp32 bash results.sh                  # --precision of every run and report (auto)
