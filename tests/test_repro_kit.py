@@ -379,14 +379,17 @@ fi
 """
 
 
-def test_results_script_trains_every_method_and_seed_then_reports_per_image_size(tmp_path):
+def fake_results_env(tmp_path, **settings):
+    """(calls file, output folder, environment) for results.sh with FAKE_PYTHON as its python."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), SEEDS="0 1", JOBS="2",
-               PRECISION="fp32")
+    return calls, tmp_path / "out", dict(os.environ, PYTHON=str(fake), CALLS=str(calls), **settings)
+
+
+def test_results_script_trains_every_method_and_seed_then_reports_per_image_size(tmp_path):
+    calls, out, env = fake_results_env(tmp_path, SEEDS="0 1", JOBS="2", PRECISION="fp32")
     run = subprocess.run(["bash", "results.sh", str(out), "--epochs", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -419,13 +422,7 @@ def test_results_script_trains_every_method_and_seed_then_reports_per_image_size
 
 
 def test_results_script_trains_and_reports_only_the_methods_asked_for(tmp_path):
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    calls = tmp_path / "calls.txt"
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), SEEDS="0", JOBS="1",
-               METHODS="byol ladder_byol")
+    calls, out, env = fake_results_env(tmp_path, SEEDS="0", JOBS="1", METHODS="byol ladder_byol")
     assert subprocess.run(["bash", "results.sh", str(out)], cwd=ROOT, env=env,
                           timeout=60).returncode == 0
     lines = calls.read_text().splitlines()
